@@ -1,0 +1,3 @@
+//! Wire protocol of the telemedicine federation.
+pub mod types;
+pub use types::*;
