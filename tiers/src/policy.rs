@@ -1,0 +1,91 @@
+//! Clinical deadlines, claim windows and the core's hard limits.
+//!
+//! Defaults follow the clinical figures of DESIGN.md §2: STAT ECG 10 min, STAT
+//! imaging 45 min, STAT (frozen-section) pathology 30 min, urgent 1 h, routine
+//! 24 h (48 h for pathology). Every figure is configurable.
+//! This module must never read a clock: it turns durations into deadlines given `now`.
+
+use federation_proto::{Modality, Urgency};
+use serde::{Deserialize, Serialize};
+
+const MINUTE_MS: u64 = 60_000;
+const HOUR_MS: u64 = 60 * MINUTE_MS;
+
+/// Report deadlines per modality × urgency, in milliseconds after creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadlinePolicy {
+    /// Indexed `[modality][urgency]` in the order of `Modality::ALL` / `Urgency::ALL`.
+    pub report_ms: [[u64; 3]; 3],
+    /// How long a case may wait unclaimed in one tier's queue before it moves on,
+    /// per urgency. Capped so an expert still has the service time before the deadline.
+    pub claim_window_ms: [u64; 3],
+}
+
+impl Default for DeadlinePolicy {
+    fn default() -> Self {
+        DeadlinePolicy {
+            report_ms: [
+                // ecg: stat, urgent, routine
+                [10 * MINUTE_MS, HOUR_MS, 24 * HOUR_MS],
+                // imaging
+                [45 * MINUTE_MS, HOUR_MS, 24 * HOUR_MS],
+                // pathology (frozen section for STAT)
+                [30 * MINUTE_MS, HOUR_MS, 48 * HOUR_MS],
+            ],
+            claim_window_ms: [3 * MINUTE_MS, 15 * MINUTE_MS, 4 * HOUR_MS],
+        }
+    }
+}
+
+impl DeadlinePolicy {
+    pub fn report_ms(&self, modality: Modality, urgency: Urgency) -> u64 {
+        self.report_ms[modality as usize][urgency as usize]
+    }
+    pub fn claim_window_ms(&self, urgency: Urgency) -> u64 {
+        self.claim_window_ms[urgency as usize]
+    }
+}
+
+/// Retry timing for custody offers and report deliveries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+    /// Unanswered attempts to one peer before the case is offered to the next candidate.
+    pub attempts_before_reroute: u32,
+    /// Jitter as a fraction of the delay, in per-mille (200 = ±20 %).
+    pub jitter_permille: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { initial_ms: 2_000, max_ms: 60_000, attempts_before_reroute: 4, jitter_permille: 200 }
+    }
+}
+
+/// Hard limits on what one node holds or accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Cases this node holds that are not finished (offers beyond it get `Busy`).
+    pub cases_active_max: usize,
+    /// Longest escalation trail accepted (there are only seven tiers; reroutes add a few).
+    pub trail_len_max: usize,
+    /// Most findings carried with one case.
+    pub findings_max: usize,
+    /// Most attachments in one case.
+    pub attachments_max: usize,
+    /// Longest clinical question or report text, in bytes.
+    pub text_len_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cases_active_max: 100_000,
+            trail_len_max: 32,
+            findings_max: 64,
+            attachments_max: 256,
+            text_len_max: 64 * 1024,
+        }
+    }
+}
