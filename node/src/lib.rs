@@ -1,1 +1,9 @@
-//! stub
+//! The telemedicine federation node: the daemon hospitals and clinics run, its
+//! client commands, and the demo federation.
+//!
+//! `node` drives the sans-IO core in `tiers` with real I/O. It is the only crate
+//! that may touch sockets, databases, ML runtimes and the web UI. It must never
+//! make an escalation decision itself: every decision goes through `tiers::Node`,
+//! and every state change the UI asks for goes through the core's inputs.
+
+pub mod demo;

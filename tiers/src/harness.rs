@@ -383,9 +383,10 @@ impl Harness {
                 }
                 Output::RunModel { case_id, model } => {
                     let script = node.models.get(&model).cloned();
+                    let version = node.config.models.iter().find(|m| m.id == model).map(|m| m.version.clone());
                     let outcome = script.as_ref().map(|s| ModelOutcome {
                         model: model.clone(),
-                        version: "1.0.0".into(),
+                        version: version.unwrap_or_default(),
                         labels: vec![Label { label: s.label.clone(), confidence: s.confidence }],
                     });
                     match (outcome, script) {

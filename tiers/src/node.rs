@@ -139,9 +139,15 @@ pub enum Event {
         case_id: CaseId,
         to: NodeName,
     },
+    /// A report was signed here (by a local expert or model).
     Reported {
         case_id: CaseId,
         machine_made: bool,
+    },
+    /// A report read above arrived here on its way to the origin.
+    ReportReceived {
+        case_id: CaseId,
+        from: NodeName,
     },
     /// The report reached the origin: the clinic can read it.
     ReportAtOrigin {
@@ -930,8 +936,8 @@ impl Node {
                 "report from a node this case was never sent to".into(),
             ));
         }
-        let report = match delivery.report.open::<Report>(content_type::REPORT) {
-            Ok(v) if v.body.case_id == id => v,
+        match delivery.report.open::<Report>(content_type::REPORT) {
+            Ok(v) if v.body.case_id == id => {}
             Ok(_) => {
                 return Err(self.refuse(
                     &peer.name,
@@ -966,8 +972,8 @@ impl Node {
         let case = self.cases.get_mut(&id).expect("present");
         merge_envelopes(&mut case.trail, delivery.trail, limits.trail_len_max);
         merge_envelopes(&mut case.findings, delivery.findings, limits.findings_max);
-        let machine_made = report.body.machine_made;
-        self.accept_report(now, id, delivery.report, machine_made);
+        self.emit(Output::Notify(Event::ReportReceived { case_id: id, from: peer.name.clone() }));
+        self.accept_report(now, id, delivery.report);
         self.send_report_receipt(now, id, &peer.name, report_hash);
         Ok(())
     }
@@ -1164,12 +1170,13 @@ impl Node {
     fn issue_report(&mut self, now: Millis, id: CaseId, report: Report) -> Result<(), ActionError> {
         let machine_made = report.machine_made;
         let env = self.sign(content_type::REPORT, &report)?;
-        self.accept_report(now, id, env, machine_made);
+        self.emit(Output::Notify(Event::Reported { case_id: id, machine_made }));
+        self.accept_report(now, id, env);
         Ok(())
     }
 
     /// Stores a report and sends it one tier down (or keeps it, at the origin).
-    fn accept_report(&mut self, now: Millis, id: CaseId, report: SignedEnvelope, machine_made: bool) {
+    fn accept_report(&mut self, now: Millis, id: CaseId, report: SignedEnvelope) {
         let case = self.cases.get_mut(&id).expect("present");
         case.report = Some(report);
         case.report_down = match &case.came_from {
@@ -1178,7 +1185,6 @@ impl Node {
         };
         let at_origin = case.came_from.is_none();
         self.set_status(now, id, CaseStatus::Reported { at: now });
-        self.emit(Output::Notify(Event::Reported { case_id: id, machine_made }));
         if at_origin {
             self.emit(Output::Notify(Event::ReportAtOrigin { case_id: id }));
         } else {

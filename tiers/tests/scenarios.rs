@@ -90,7 +90,11 @@ fn confident_village_model_resolves_case_locally() {
 
     let report = report_at(&h, "village", case);
     assert!(report.machine_made);
-    assert_eq!(report.reader, Reader::Model { model: "ecg-rhythm".into(), version: "1.0.0".into() });
+    assert_eq!(
+        report.reader,
+        Reader::Model { model: "ecg-rhythm".into(), version: "1.0.0".into() },
+        "the model spec's version"
+    );
     assert_eq!(report.labels[0].label, "normal_sinus_rhythm");
     assert_eq!(h.case_at("village", case).unwrap().report_down, ReportDown::AtOrigin);
     assert!(h.delivered.iter().all(|(_, _, _, kind)| *kind != "case_offer"), "nothing should leave the village");
