@@ -35,14 +35,25 @@ pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         return Err(Error::FrameTooLarge { len: bytes.len() as u64, max: FRAME_LEN_MAX });
     }
     let mut reader = bytes;
-    let value = ciborium::de::from_reader_with_recursion_limit(&mut reader, RECURSION_LIMIT).map_err(|e| match e {
-        ciborium::de::Error::Io(_) => Error::Truncated,
-        other => Error::Decode(other.to_string()),
-    })?;
+    let value = ciborium::de::from_reader_with_recursion_limit(&mut reader, RECURSION_LIMIT).map_err(decode_error)?;
     if !reader.is_empty() {
         return Err(Error::TrailingBytes { extra: reader.len() });
     }
     Ok(value)
+}
+
+/// Says in words what is wrong with the bytes. ciborium's own `Display` is its
+/// `Debug` (`Semantic(None, "...")`), which is no message for a log or a peer.
+fn decode_error<E>(e: ciborium::de::Error<E>) -> Error {
+    use ciborium::de::Error as E;
+    match e {
+        // Reading from a slice fails only when the slice ends.
+        E::Io(_) => Error::Truncated,
+        E::Syntax(at) => Error::Decode(format!("invalid CBOR at byte {at}")),
+        E::Semantic(Some(at), why) => Error::Decode(format!("{why} (item at byte {at})")),
+        E::Semantic(None, why) => Error::Decode(why),
+        E::RecursionLimitExceeded => Error::Decode(format!("nested deeper than {RECURSION_LIMIT} levels")),
+    }
 }
 
 /// Encodes a message as a frame payload (no length prefix).

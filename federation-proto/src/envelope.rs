@@ -4,6 +4,9 @@
 //! the algorithm (EdDSA), the signer's public key (as the key id) and a content type
 //! that binds the payload's meaning, so a signed receipt can never be passed off as a
 //! report. Verification happens on the raw bytes *before* the payload is decoded.
+//! Only the one encoding [`SignedEnvelope::sign`] makes verifies (an empty unprotected
+//! header, no critical parameters, canonical CBOR), so nobody but the signer can
+//! change an envelope's bytes, and its hash identifies it in receipts.
 //!
 //! This module says whether bytes were signed by a key; whether that key belongs to
 //! a trusted federation node is for the caller (the certificate layer) to decide.
@@ -87,6 +90,24 @@ impl SignedEnvelope {
         if *alg != Some(coset::Algorithm::Assigned(iana::Algorithm::EdDSA)) {
             return Err(Error::BadEnvelope(format!("algorithm {alg:?} is not EdDSA")));
         }
+        // RFC 9052 §3.1: a parameter listed as critical must be understood. This build
+        // understands none beyond alg, kid and content type, which need no listing.
+        let crit = &sign1.protected.header.crit;
+        if !crit.is_empty() {
+            return Err(Error::BadEnvelope(format!("critical header parameters {crit:?} are not understood")));
+        }
+        // The envelope's hash is its identity (custody and report receipts name it), so
+        // nobody but the signer may be able to change its bytes. The unprotected header
+        // is not signed: anyone relaying the envelope could add to it.
+        if !sign1.unprotected.is_empty() {
+            return Err(Error::BadEnvelope("the unprotected header must be empty: it is not signed".into()));
+        }
+        // Likewise the CBOR around the signed parts (integer widths, a COSE tag): only
+        // the one encoding `sign` makes is accepted, so one signature has one hash.
+        let canonical = sign1.clone().to_vec().map_err(|e| Error::BadEnvelope(e.to_string()))?;
+        if canonical != self.0 {
+            return Err(Error::BadEnvelope("not canonically encoded".into()));
+        }
         let kid: [u8; 32] = sign1
             .protected
             .header
@@ -130,12 +151,13 @@ impl SignedEnvelope {
         Ok(Verified { signer, body: from_cbor(&payload)? })
     }
 
-    /// Verifies that `expected` signed it, then decodes the payload.
+    /// Verifies that `expected` signed it, then decodes the payload. Bytes signed by
+    /// anyone else are refused before they are decoded.
     pub fn open_from<T: DeserializeOwned>(&self, content_type: &str, expected: &PublicKey) -> Result<T, Error> {
-        let v = self.open(content_type)?;
-        if v.signer != *expected {
-            return Err(Error::UnexpectedSigner { expected: *expected, found: v.signer });
+        let (signer, payload) = self.verify(content_type)?;
+        if signer != *expected {
+            return Err(Error::UnexpectedSigner { expected: *expected, found: signer });
         }
-        Ok(v.body)
+        from_cbor(&payload)
     }
 }

@@ -19,7 +19,8 @@ pub use types::*;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Peer misbehaved: a frame longer than the limit.
+    /// Peer misbehaved: a frame longer than the limit. Also returned when encoding
+    /// a message too large to send (local misuse).
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
     FrameTooLarge { len: u64, max: usize },
     /// Peer misbehaved: the bytes end in the middle of a message.

@@ -162,12 +162,9 @@ impl std::fmt::Display for EscalationReason {
             EscalationReason::ModelNotConfident { model, confidence, threshold } => {
                 write!(f, "model {model} not confident enough ({confidence:.2} < {threshold:.2})")
             }
-            EscalationReason::QueueTooLong { eta_ms, time_left_ms } => write!(
-                f,
-                "local queue too long (read in ~{} min, {} min left)",
-                eta_ms / 60_000,
-                time_left_ms / 60_000
-            ),
+            EscalationReason::QueueTooLong { eta_ms, time_left_ms } => {
+                write!(f, "local queue too long (read in ~{} min, {} min left)", eta_ms / 60_000, time_left_ms / 60_000)
+            }
             EscalationReason::ClaimTimeout => f.write_str("nobody claimed it before the claim deadline"),
             EscalationReason::ExpertEscalated { expert, reason } => write!(f, "{expert} escalated it: {reason}"),
             EscalationReason::Rerouted { unreachable } => write!(f, "{unreachable} unreachable or refused; rerouted"),
