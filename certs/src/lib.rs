@@ -1,8 +1,8 @@
 //! Federation PKI: issue node and CA certificates, verify peers, revoke.
 //!
 //! This crate is the federation's certificate authority tooling and the verification
-//! every link relies on. It knows one certificate profile (see `docs/pki.md` in the
-//! crate's `Cargo.toml`):
+//! every link relies on. It knows one certificate profile (see `docs/pki.md` at the
+//! repository's top level):
 //!
 //! - a federation **root** CA (`telemed-ca init`), optionally tier-limited;
 //! - **intermediate** CAs down the hierarchy, each limited to a region with X.509

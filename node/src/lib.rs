@@ -7,3 +7,4 @@
 //! and every state change the UI asks for goes through the core's inputs.
 
 pub mod demo;
+pub mod transport;

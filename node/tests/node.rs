@@ -1,0 +1,456 @@
+//! The node's links over real QUIC on loopback with real federation certificates:
+//! the hello/ack, every way a peer can be refused, and revocation of live links.
+
+use certs::ca::{CertificateAuthority, IntermediateOptions, RevokeReason, RootOptions, Validity};
+use certs::enrol;
+use certs::keys::NodeCredentials;
+use certs::profile::{self, Serial};
+use certs::verify::{FederationVerifier, PeerIdentity, TrustStore};
+use federation_proto::{NodeClaim, NodeName, RejectCode, Tier};
+use node::transport::{self, AcceptPolicy, Link, LiveLinks, TransportError};
+use quinn::Endpoint;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
+
+// --- captured logs -----------------------------------------------------------------
+
+static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    let buf = LOGS.get_or_init(|| Arc::new(Mutex::new(Vec::new()))).clone();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || Capture(buf.clone()))
+        .try_init();
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// Waits (bounded) until the captured logs contain `needle`.
+async fn logged(needle: &str) -> bool {
+    for _ in 0..100 {
+        if logs().contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
+// --- federation fixtures -------------------------------------------------------------
+
+struct Federation {
+    _dir: tempfile::TempDir,
+    henan: CertificateAuthority,
+    trust: Arc<TrustStore>,
+}
+
+fn federation() -> Federation {
+    let dir = tempfile::tempdir().unwrap();
+    let mut root = CertificateAuthority::init_root(&dir.path().join("root"), &RootOptions::new("cn")).unwrap();
+    let mut national =
+        root.issue_intermediate(&dir.path().join("national"), &IntermediateOptions::new("cn", Tier::National)).unwrap();
+    let henan = national
+        .issue_intermediate(&dir.path().join("henan"), &IntermediateOptions::new("henan.cn", Tier::Provincial))
+        .unwrap();
+    let trust = Arc::new(TrustStore::from_root_pem(&root.root_pem()).unwrap());
+    Federation { _dir: dir, henan, trust }
+}
+
+struct Enrolled {
+    name: NodeName,
+    tier: Tier,
+    creds: NodeCredentials,
+    serial: Serial,
+}
+
+impl Enrolled {
+    fn claim(&self) -> NodeClaim {
+        NodeClaim { name: self.name.clone(), tier: self.tier, public_key: self.creds.public_key }
+    }
+}
+
+fn enrol_with(ca: &mut CertificateAuthority, name: &str, tier: Tier, validity: Validity) -> Enrolled {
+    let (key_pem, csr_pem) = enrol::generate_key_and_csr(&NodeName::from(name), tier).unwrap();
+    let issued = ca.sign_csr(&csr_pem, tier, validity).unwrap();
+    Enrolled {
+        name: name.into(),
+        tier,
+        creds: NodeCredentials::from_pem(&issued.chain_pem, &key_pem).unwrap(),
+        serial: issued.serial,
+    }
+}
+
+fn enrol(ca: &mut CertificateAuthority, name: &str, tier: Tier) -> Enrolled {
+    enrol_with(ca, name, tier, Validity::Days(30))
+}
+
+fn verifier(trust: &Arc<TrustStore>) -> Arc<FederationVerifier> {
+    Arc::new(FederationVerifier::new(trust.clone()))
+}
+
+fn identity(trust: &TrustStore, n: &Enrolled) -> PeerIdentity {
+    trust.identity_of_peer(&n.creds.chain).unwrap()
+}
+
+/// A county node serving on loopback; every accept result goes to the channel.
+struct Server {
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    results: mpsc::Receiver<Result<Link, TransportError>>,
+    links: LiveLinks,
+}
+
+fn serve(trust: &Arc<TrustStore>, county: &Enrolled) -> Server {
+    let endpoint = transport::endpoint("127.0.0.1:0".parse().unwrap(), &county.creds, verifier(trust)).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let policy = AcceptPolicy { me: identity(trust, county), claim: county.claim(), cross_links: vec![] };
+    let (tx, results) = mpsc::channel(16);
+    let links = LiveLinks::default();
+    let (ep, trust, live) = (endpoint.clone(), trust.clone(), links.clone());
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let result = transport::accept(incoming, &policy, &trust).await;
+            if let Ok(link) = &result {
+                live.add(link.clone());
+            }
+            if tx.send(result).await.is_err() {
+                break;
+            }
+        }
+    });
+    Server { endpoint, addr, results, links }
+}
+
+fn client(trust: &Arc<TrustStore>, node: &Enrolled) -> Endpoint {
+    transport::endpoint("127.0.0.1:0".parse().unwrap(), &node.creds, verifier(trust)).unwrap()
+}
+
+async fn next_result(server: &mut Server) -> Result<Link, TransportError> {
+    tokio::time::timeout(std::time::Duration::from_secs(15), server.results.recv()).await.unwrap().unwrap()
+}
+
+// --- tests ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn valid_chain_gives_a_link_and_both_ends_know_the_peer() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let village = enrol(&mut fed.henan, "v001.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let mut server = serve(&fed.trust, &county);
+    let ep = client(&fed.trust, &village);
+
+    let link = transport::connect(&ep, server.addr, &county.name, &village.claim(), &fed.trust).await.unwrap();
+    assert_eq!(link.peer.name, county.name);
+    assert_eq!(link.peer.tier, Tier::County);
+    let accepted = next_result(&mut server).await.unwrap();
+    assert_eq!(accepted.peer.name, village.name);
+    assert_eq!(accepted.peer.tier, Tier::Village);
+    assert_eq!(accepted.peer.region, "gaocheng.dengfeng.zhengzhou.henan.cn");
+    assert_eq!(accepted.peer.public_key, village.creds.public_key);
+    assert_eq!(accepted.peer.peer_id, certs::keys::peer_id_of(&village.creds.public_key).unwrap());
+    assert_eq!(accepted.protocol_version, federation_proto::PROTOCOL_VERSION);
+
+    // Frames flow on a fresh stream once the link is up.
+    let (mut send, _recv) = link.connection.open_bi().await.unwrap();
+    let msg = federation_proto::Message::AlreadyHave(federation_proto::AlreadyHave {
+        case_id: federation_proto::CaseId([7; 16]),
+    });
+    transport::write_frame(&mut send, &msg).await.unwrap();
+    send.finish().unwrap();
+    let (_s, mut recv) = accepted.connection.accept_bi().await.unwrap();
+    assert_eq!(transport::read_frame(&mut recv).await.unwrap(), msg);
+    assert!(logged("child link accepted").await);
+    server.endpoint.close(0u32.into(), b"");
+}
+
+/// Connects with `node`'s credentials and expects the server to refuse it during or
+/// after the handshake, logging `reason`.
+async fn expect_refused(
+    fed: &Federation,
+    server: &mut Server,
+    ep: &Endpoint,
+    node: &Enrolled,
+    reason: &str,
+) -> TransportError {
+    let err = transport::connect(ep, server.addr, &NodeName::from(COUNTY), &node.claim(), &fed.trust)
+        .await
+        .expect_err("the link must not come up");
+    let server_side = next_result(server).await.expect_err("the server must refuse");
+    assert!(logged(reason).await, "server log should say `{reason}`; server error: {server_side}; logs:\n{}", logs());
+    err
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let village = enrol(&mut fed.henan, "v002.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let mut server = serve(&fed.trust, &county);
+    // A client that presents no certificate at all.
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier(&fed.trust))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![federation_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let err = transport::connect(&ep, server.addr, &county.name, &village.claim(), &fed.trust).await.unwrap_err();
+    let server_side = next_result(&mut server).await.unwrap_err();
+    assert!(server_side.to_string().to_lowercase().contains("certificate"), "{server_side}");
+    assert!(logged("link refused").await);
+    assert!(!matches!(err, TransportError::Timeout { .. }), "refused promptly, not by timeout: {err}");
+}
+
+#[tokio::test]
+async fn self_signed_and_foreign_federation_certificates_are_refused() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let mut server = serve(&fed.trust, &county);
+
+    // Self-signed, with the right profile and name.
+    let name = "v003.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let params = certs::ca::node_params(
+        &name.into(),
+        Tier::Village,
+        &Serial::random().unwrap(),
+        now,
+        now + time::Duration::days(1),
+    )
+    .unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let self_signed = Enrolled {
+        name: name.into(),
+        tier: Tier::Village,
+        creds: NodeCredentials::from_pem(&cert.pem(), &key.serialize_pem()).unwrap(),
+        serial: Serial::random().unwrap(),
+    };
+    let ep = client(&fed.trust, &self_signed);
+    expect_refused(
+        &fed,
+        &mut server,
+        &ep,
+        &self_signed,
+        &format!("client certificate rejected: certificate `{name}` is not trusted"),
+    )
+    .await;
+
+    // Issued by another federation's CA.
+    let mut other = federation();
+    let name = "v004.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let foreign = enrol(&mut other.henan, name, Tier::Village);
+    // It trusts our root (so it accepts the county), but its own chain is foreign.
+    let ep = client(&fed.trust, &foreign);
+    expect_refused(&fed, &mut server, &ep, &foreign, &format!("certificate `{name}` is not trusted")).await;
+}
+
+#[tokio::test]
+async fn expired_and_not_yet_valid_certificates_are_refused() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let mut server = serve(&fed.trust, &county);
+    let t = OffsetDateTime::now_utc();
+    let name = "v005.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let expired = enrol_with(
+        &mut fed.henan,
+        name,
+        Tier::Village,
+        Validity::Window { not_before: t - time::Duration::days(30), not_after: t - time::Duration::days(1) },
+    );
+    // The client must not refuse to present it: build its endpoint from the same trust.
+    let ep = client(&fed.trust, &expired);
+    expect_refused(&fed, &mut server, &ep, &expired, &format!("certificate `{name}` expired")).await;
+
+    let name = "v006.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let future = enrol_with(
+        &mut fed.henan,
+        name,
+        Tier::Village,
+        Validity::Window { not_before: t + time::Duration::days(1), not_after: t + time::Duration::days(30) },
+    );
+    let ep = client(&fed.trust, &future);
+    expect_refused(&fed, &mut server, &ep, &future, &format!("certificate `{name}` is not valid before")).await;
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_and_its_open_link_is_closed_on_crl_update() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let name = "v007.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let village = enrol(&mut fed.henan, name, Tier::Village);
+    let sibling = enrol(&mut fed.henan, "v008.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let mut server = serve(&fed.trust, &county);
+
+    let ep = client(&fed.trust, &village);
+    let link = transport::connect(&ep, server.addr, &county.name, &village.claim(), &fed.trust).await.unwrap();
+    next_result(&mut server).await.unwrap();
+    let sib_ep = client(&fed.trust, &sibling);
+    let sib_link = transport::connect(&sib_ep, server.addr, &county.name, &sibling.claim(), &fed.trust).await.unwrap();
+    next_result(&mut server).await.unwrap();
+    assert_eq!(server.links.open().len(), 2);
+
+    fed.henan.revoke(&village.serial, RevokeReason::KeyCompromise).unwrap();
+    let crl = fed.henan.crl(7).unwrap();
+    let cut = transport::apply_crl(&fed.trust, &crl, &server.links).unwrap();
+    assert_eq!(cut.len(), 1);
+    assert_eq!(cut[0].0.as_str(), name);
+    // The village sees its link closed by the county, with the reason.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), link.connection.closed()).await.unwrap();
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if u64::from(c.error_code) == u64::from(transport::CLOSE_REVOKED)),
+        "{closed}"
+    );
+    assert!(sib_link.connection.close_reason().is_none(), "other links stay up");
+    assert!(logged(&format!("peer={name}")).await && logged("closing link: certificate no longer verifies").await);
+
+    // A new connection from the revoked node is refused at the handshake.
+    let ep = client(&fed.trust, &village);
+    expect_refused(&fed, &mut server, &ep, &village, &format!("certificate `{name}` has been revoked")).await;
+}
+
+#[tokio::test]
+async fn name_outside_the_issuing_cas_region_is_refused() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let mut server = serve(&fed.trust, &county);
+    // The henan.cn CA's key signs a node in hubei.cn, bypassing the CA tool's checks.
+    let name = "v009.wuhan.hubei.cn";
+    let forged = forge(&fed.henan, name, Tier::Village);
+    let ep = client(&fed.trust, &forged);
+    expect_refused(&fed, &mut server, &ep, &forged, &format!("`{name}` is outside region `henan.cn`")).await;
+}
+
+/// A node certificate signed with `ca`'s key directly, with whatever name and tier.
+fn forge(ca: &CertificateAuthority, name: &str, tier: Tier) -> Enrolled {
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.dir().join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(ca.certificate(), &ca_key).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let params = certs::ca::node_params(
+        &name.into(),
+        tier,
+        &Serial::random().unwrap(),
+        now - time::Duration::hours(1),
+        now + time::Duration::days(1),
+    )
+    .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let chain = std::fs::read_to_string(ca.dir().join("chain.pem")).unwrap();
+    let mut chain_certs = profile::pem_certificates(&chain).unwrap();
+    chain_certs.pop(); // the root is not presented
+    let mut pem = cert.pem();
+    for c in chain_certs {
+        pem.push_str(&::pem::encode(&::pem::Pem::new("CERTIFICATE", c.to_vec())));
+    }
+    Enrolled {
+        name: name.into(),
+        tier,
+        creds: NodeCredentials::from_pem(&pem, &key.serialize_pem()).unwrap(),
+        serial: Serial::random().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn tier_inflation_is_refused() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let mut server = serve(&fed.trust, &county);
+
+    // A county-tier CA (limited to its county) issuing a provincial certificate.
+    let ca_dir = tempfile::tempdir().unwrap();
+    let county_ca = fed
+        .henan
+        .issue_intermediate(&ca_dir.path().join("county-ca"), &IntermediateOptions::new(COUNTY, Tier::County))
+        .unwrap();
+    let name = "x1.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let inflated = forge(&county_ca, name, Tier::Provincial);
+    let ep = client(&fed.trust, &inflated);
+    expect_refused(&fed, &mut server, &ep, &inflated, &format!("tier provincial of `{name}` is not permitted")).await;
+
+    // A village key presenting a higher tier in its hello than its certificate says.
+    let name = "v010.gaocheng.dengfeng.zhengzhou.henan.cn";
+    let village = enrol(&mut fed.henan, name, Tier::Village);
+    let mut claim = village.claim();
+    claim.tier = Tier::City;
+    let ep = client(&fed.trust, &village);
+    let err = transport::connect(&ep, server.addr, &county.name, &claim, &fed.trust).await.unwrap_err();
+    assert!(
+        matches!(&err, TransportError::Refused { code: RejectCode::IdentityMismatch, detail, .. } if detail.contains("city")),
+        "{err}"
+    );
+    next_result(&mut server).await.unwrap_err();
+    assert!(logged(&format!("hello claims {name} (city) but the certificate says {name} (village)")).await);
+
+    // A peer of the same tier is not a child: refused by the parent-link rule.
+    let name = "other-county.zhengzhou.henan.cn";
+    let peer = enrol(&mut fed.henan, name, Tier::County);
+    let ep = client(&fed.trust, &peer);
+    let err = transport::connect(&ep, server.addr, &county.name, &peer.claim(), &fed.trust).await.unwrap_err();
+    assert!(matches!(&err, TransportError::Refused { code: RejectCode::WrongDirection, .. }), "{err}");
+    next_result(&mut server).await.unwrap_err();
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_that_is_not_the_parent_it_dialled() {
+    init_logs();
+    let mut fed = federation();
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let server = serve(&fed.trust, &county);
+    let village = enrol(&mut fed.henan, "v011.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let ep = client(&fed.trust, &village);
+    let err = transport::connect(&ep, server.addr, &NodeName::from("zhengzhou.henan.cn"), &village.claim(), &fed.trust)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Connection { .. }), "{err}");
+    assert!(logged("server certificate rejected: expected peer `zhengzhou.henan.cn` but its certificate names").await);
+}
+
+#[tokio::test]
+async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
+    init_logs();
+    let mut fed = federation();
+    let a = enrol(&mut fed.henan, "v012.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let (other_key, _) =
+        enrol::generate_key_and_csr(&"v013.gaocheng.dengfeng.zhengzhou.henan.cn".into(), Tier::Village).unwrap();
+    let chain_pem: String =
+        a.creds.chain.iter().map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.to_vec()))).collect();
+    let err = NodeCredentials::from_pem(&chain_pem, &other_key).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("key"), "{err}");
+
+    // A libp2p PeerId derived from another key does not match the certificate.
+    let id = identity(&fed.trust, &a);
+    let other = enrol(&mut fed.henan, "v014.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    assert!(id.matches_peer_id(&certs::keys::peer_id_of(&a.creds.public_key).unwrap()));
+    assert!(!id.matches_peer_id(&certs::keys::peer_id_of(&other.creds.public_key).unwrap()));
+}
