@@ -164,7 +164,7 @@ impl Harness {
         }
         let identity = Peer { name: peer.clone(), tier: p.config.tier, public_key: public_key_for(peer.as_str()) };
         if let Some(core) = self.nodes.get_mut(node).and_then(|n| n.core.as_mut()) {
-            core.handle_peer_up(now, identity);
+            let _ = core.handle_peer_up(now, identity);
         }
     }
 
@@ -486,7 +486,7 @@ impl Harness {
                 config.upstream.push(crate::node::Upstream {
                     name: parent.as_str().into(),
                     tier: Tier::ALL[i + 1],
-                    public_key: public_key_for(parent),
+                    public_key: Some(public_key_for(parent)),
                 });
             }
             h.add_node(config);

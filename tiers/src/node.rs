@@ -32,7 +32,10 @@ pub const ADVERT_VALIDITY_MS: u64 = 5 * 60_000;
 pub struct Upstream {
     pub name: NodeName,
     pub tier: Tier,
-    pub public_key: PublicKey,
+    /// If set, the key this node must present (pinned); otherwise any key its
+    /// verified certificate carries.
+    #[serde(default)]
+    pub public_key: Option<PublicKey>,
 }
 
 /// A peer whose identity the transport has verified (certificate and hello).
@@ -249,11 +252,6 @@ impl Node {
     pub fn new(config: NodeConfig, key: SigningKey) -> Node {
         let public_key = PublicKey(key.verifying_key().to_bytes());
         let rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
-        let peers = config
-            .upstream
-            .iter()
-            .map(|u| (u.name.clone(), Peer { name: u.name.clone(), tier: u.tier, public_key: u.public_key }))
-            .collect();
         Node {
             config,
             key,
@@ -261,7 +259,7 @@ impl Node {
             cases: BTreeMap::new(),
             timers: BTreeSet::new(),
             armed: BTreeMap::new(),
-            peers,
+            peers: BTreeMap::new(),
             down: BTreeSet::new(),
             adverts: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -350,8 +348,19 @@ impl Node {
 
     /// The transport verified a peer (certificate + hello/ack). Re-sends what was
     /// waiting for it.
-    pub fn handle_peer_up(&mut self, now: Millis, peer: Peer) {
+    pub fn handle_peer_up(&mut self, now: Millis, peer: Peer) -> Result<(), PeerError> {
         let name = peer.name.clone();
+        if let Some(pinned) = self.config.upstream.iter().find(|u| u.name == name).and_then(|u| u.public_key)
+            && pinned != peer.public_key
+        {
+            let detail = format!("{name} presented a key other than the one pinned in the configuration");
+            self.emit(Output::Notify(Event::PeerRefused {
+                peer: name.clone(),
+                code: RejectCode::IdentityMismatch,
+                detail: detail.clone(),
+            }));
+            return Err(PeerError { peer: name, code: RejectCode::IdentityMismatch, detail });
+        }
         self.peers.insert(name.clone(), peer);
         self.down.remove(&name);
         let waiting: Vec<CaseId> = self
@@ -366,6 +375,7 @@ impl Node {
         for id in waiting {
             self.retry_now(now, id);
         }
+        Ok(())
     }
 
     /// The transport could not reach `peer` or lost the link. Cases being offered
@@ -765,7 +775,12 @@ impl Node {
             match &existing.status {
                 CaseStatus::Receiving => {
                     let missing = existing.missing_attachments();
+                    let attachments: Vec<AttachmentRef> =
+                        existing.info.attachments.iter().filter(|a| missing.contains(&a.hash)).cloned().collect();
                     self.send(&peer.name, Message::OfferAccept(OfferAccept { case_id: id, missing }));
+                    // The earlier fetch may have failed: ask the driver again (it skips
+                    // what it already holds or is fetching).
+                    self.emit(Output::FetchAttachments { case_id: id, from: peer.name.clone(), attachments });
                 }
                 CaseStatus::Recalled { .. } => {
                     return refuse(self, Some(id), RejectCode::Recalled, "case was recalled by its origin".into());

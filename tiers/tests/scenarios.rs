@@ -194,7 +194,8 @@ fn expert_can_escalate_manually_with_a_reason() {
 fn chain_with_alternate(seed: u64) -> Harness {
     let mut h = Harness::seven_tier_chain(seed);
     let mut alt = tiers::NodeConfig::new("township2", Tier::Township);
-    alt.upstream = vec![Upstream { name: "county".into(), tier: Tier::County, public_key: public_key_for("county") }];
+    alt.upstream =
+        vec![Upstream { name: "county".into(), tier: Tier::County, public_key: Some(public_key_for("county")) }];
     h.add_node(alt);
     h.link("township2", "county");
     h.link("village", "township2");
@@ -202,7 +203,7 @@ fn chain_with_alternate(seed: u64) -> Harness {
         c.upstream.push(Upstream {
             name: "township2".into(),
             tier: Tier::Township,
-            public_key: public_key_for("township2"),
+            public_key: Some(public_key_for("township2")),
         })
     });
     h
@@ -351,7 +352,11 @@ fn stat_ecg_skips_township_whose_advert_shows_no_capacity() {
     let mut h = Harness::seven_tier_chain(12);
     h.link("village", "county");
     h.configure("village", |c| {
-        c.upstream.push(Upstream { name: "county".into(), tier: Tier::County, public_key: public_key_for("county") })
+        c.upstream.push(Upstream {
+            name: "county".into(),
+            tier: Tier::County,
+            public_key: Some(public_key_for("county")),
+        })
     });
     experts_everywhere(&mut h, "county", Modality::Ecg);
     let now = h.now;
