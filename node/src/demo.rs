@@ -7,6 +7,7 @@
 //! This module must never hold escalation logic; it only configures and narrates.
 
 use federation_proto::{CaseId, HopRecord, Millis, Modality, Reader, Report, Urgency, content_type};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use tiers::harness::{AutoExperts, Harness, ModelScript};
 use tiers::{Event, ExpertPool, ModelSpec};
@@ -169,4 +170,226 @@ mod tests {
         assert!(text.contains("Invariants (no case lost, none read twice): hold"), "{text}");
         assert!(text.contains("machine-made"), "the village ECG model resolves the ECG: {text}");
     }
+}
+
+// ---------------------------------------------------------------------------------
+// The networked demo: real nodes on loopback QUIC with SQLite stores.
+// ---------------------------------------------------------------------------------
+
+/// One node of the networked demo federation, as planned before it starts.
+#[derive(Debug, Clone)]
+pub struct PlannedNode {
+    pub name: String,
+    pub tier: federation_proto::Tier,
+    pub parent: Option<String>,
+    pub experts: Vec<(Modality, u32)>,
+}
+
+/// The demo topology: 1 international, 1 national, 1 provincial, 2 city, 3 county,
+/// 4 township and 8 village nodes. ECG experts sit at the Zhengzhou city hub,
+/// imaging experts at the Gongyi county hospital and the provincial hub, pathology
+/// at the national centre; so cases climb to different heights.
+pub fn topology() -> Vec<PlannedNode> {
+    use federation_proto::Tier::*;
+    let n = |name: &str, tier, parent: Option<&str>, experts: Vec<(Modality, u32)>| PlannedNode {
+        name: name.into(),
+        tier,
+        parent: parent.map(Into::into),
+        experts,
+    };
+    let mut nodes = vec![
+        n("hub.telemed.int", International, None, vec![(Modality::Pathology, 2), (Modality::Imaging, 2)]),
+        n("nhc.cn", National, Some("hub.telemed.int"), vec![(Modality::Pathology, 2)]),
+        n("hub.henan.cn", Provincial, Some("nhc.cn"), vec![(Modality::Imaging, 2)]),
+        n("zhengzhou.henan.cn", City, Some("hub.henan.cn"), vec![(Modality::Ecg, 2)]),
+        n("luoyang.henan.cn", City, Some("hub.henan.cn"), vec![(Modality::Ecg, 1)]),
+        n("dengfeng.zhengzhou.henan.cn", County, Some("zhengzhou.henan.cn"), vec![]),
+        n("gongyi.zhengzhou.henan.cn", County, Some("zhengzhou.henan.cn"), vec![(Modality::Imaging, 1)]),
+        n("yichuan.luoyang.henan.cn", County, Some("luoyang.henan.cn"), vec![]),
+    ];
+    let townships = [
+        ("gaocheng.dengfeng.zhengzhou.henan.cn", "dengfeng.zhengzhou.henan.cn"),
+        ("dajindian.dengfeng.zhengzhou.henan.cn", "dengfeng.zhengzhou.henan.cn"),
+        ("zhanjie.gongyi.zhengzhou.henan.cn", "gongyi.zhengzhou.henan.cn"),
+        ("baiyang.yichuan.luoyang.henan.cn", "yichuan.luoyang.henan.cn"),
+    ];
+    for (t, parent) in townships {
+        nodes.push(n(t, Township, Some(parent), vec![]));
+    }
+    for (t, _) in townships {
+        for v in ["v01", "v02"] {
+            nodes.push(n(&format!("{v}.{t}"), Village, Some(t), vec![]));
+        }
+    }
+    nodes
+}
+
+/// Issues certificates for every planned node and writes each node's directory
+/// (root.pem, node.pem, node.key, node.toml). Returns the configs, top tier first.
+pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<Vec<crate::config::Config>> {
+    use certs::ca::{CertificateAuthority, IntermediateOptions, RootOptions, Validity};
+    use federation_proto::Tier;
+    let mut root = CertificateAuthority::init_root(&dir.join("ca/root"), &RootOptions::new("telemed"))?;
+    let mut national =
+        root.issue_intermediate(&dir.join("ca/national"), &IntermediateOptions::new("cn", Tier::National))?;
+    let mut henan =
+        national.issue_intermediate(&dir.join("ca/henan"), &IntermediateOptions::new("henan.cn", Tier::Provincial))?;
+    let root_pem = root.root_pem();
+    let mut configs = Vec::new();
+    for p in plan {
+        let node_dir = dir.join(&p.name);
+        std::fs::create_dir_all(&node_dir)?;
+        let (key_pem, csr_pem) = certs::enrol::generate_key_and_csr(&p.name.as_str().into(), p.tier)?;
+        let ca = match p.tier {
+            Tier::International | Tier::National => &mut root,
+            Tier::Provincial => &mut national,
+            _ => &mut henan,
+        };
+        let issued = ca.sign_csr(&csr_pem, p.tier, Validity::Days(30))?;
+        std::fs::write(node_dir.join("root.pem"), &root_pem)?;
+        std::fs::write(node_dir.join("node.pem"), &issued.chain_pem)?;
+        certs::keys::write_secret_file(&node_dir.join("node.key"), &key_pem)?;
+        configs.push(crate::config::Config {
+            name: p.name.clone(),
+            tier: p.tier,
+            data_dir: node_dir.join("data"),
+            listen: "127.0.0.1:0".parse()?,
+            parents: Vec::new(), // filled in once parents are listening
+            cross_links: if p.tier == Tier::International { vec!["nhc.cn".into()] } else { vec![] },
+            tls: crate::config::TlsConfig {
+                root: node_dir.join("root.pem"),
+                chain: node_dir.join("node.pem"),
+                key: node_dir.join("node.key"),
+                crls: vec![],
+            },
+            experts: p
+                .experts
+                .iter()
+                .map(|(modality, on_duty)| crate::config::ExpertsConfig {
+                    modality: *modality,
+                    on_duty: *on_duty,
+                    service_min: 5,
+                })
+                .collect(),
+            simulated_experts: (!p.experts.is_empty()).then(|| crate::config::SimulatedExperts {
+                name: format!("dr.{}", p.name.split('.').next().unwrap_or("x")),
+                claim_after_ms: 800,
+                read_ms: 1_500,
+            }),
+            metrics: None,
+            rate_limit_bytes_per_s: None,
+        });
+    }
+    Ok(configs)
+}
+
+/// The sample files shipped in `testdata/` (see testdata/PROVENANCE.md).
+pub fn testdata_dir() -> std::path::PathBuf {
+    std::env::var_os("TELEMED_TESTDATA")
+        .map(Into::into)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata"))
+}
+
+/// Brings up the demo federation on loopback, submits real sample cases at the
+/// villages, and waits for every report. With `headless`, prints a summary table and
+/// returns whether every case was reported; otherwise keeps running until Ctrl-C.
+pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
+    use crate::daemon::{self, SubmitRequest};
+    let tmp = tempfile_dir()?;
+    let plan = topology();
+    let mut configs = provision(&tmp, &plan)?;
+    println!("Seven-tier demo federation: {} nodes on loopback, data in {}", plan.len(), tmp.display());
+    let mut running: Vec<daemon::Running> = Vec::new();
+    let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
+    for (p, config) in plan.iter().zip(configs.iter_mut()) {
+        if let Some(parent) = &p.parent {
+            let parent_tier = plan.iter().find(|q| &q.name == parent).map(|q| q.tier).expect("parent planned");
+            config.parents =
+                vec![crate::config::ParentConfig { name: parent.clone(), tier: parent_tier, addr: addrs[parent] }];
+        }
+        let node = daemon::start(config.clone()).await?;
+        addrs.insert(p.name.clone(), node.addr);
+        println!("  {:<14} {:<44} {}", p.tier.to_string(), p.name, node.addr);
+        running.push(node);
+    }
+    let data = testdata_dir();
+    let samples = [
+        ("waveform_ecg.dcm", Modality::Ecg, Urgency::Stat, "palpitations and dizziness: 12-lead ECG"),
+        ("CT_small.dcm", Modality::Imaging, Urgency::Urgent, "head injury: CT, bleed?"),
+        ("US1_J2KR.dcm", Modality::Imaging, Urgency::Routine, "abdominal pain: ultrasound"),
+        ("cmu_small_region.svs", Modality::Pathology, Urgency::Routine, "skin biopsy: margins clear?"),
+    ];
+    let villages: Vec<usize> =
+        plan.iter().enumerate().filter(|(_, p)| p.tier == federation_proto::Tier::Village).map(|(i, _)| i).collect();
+    let mut cases = Vec::new();
+    for (k, &vi) in villages.iter().enumerate() {
+        let (file, modality, urgency, question) = samples[k % samples.len()];
+        let req = SubmitRequest {
+            files: vec![data.join(file)],
+            modality,
+            urgency,
+            question: question.into(),
+            patient: format!("demo-patient-{k:02}"),
+            task: None,
+        };
+        let id = running[vi].submit(req).await?.map_err(|e| anyhow::anyhow!("submit at {}: {e}", plan[vi].name))?;
+        cases.push((vi, id, std::time::Instant::now()));
+    }
+    println!("Submitted {} cases at {} villages; waiting for reports...", cases.len(), villages.len());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let mut done: BTreeMap<CaseId, (crate::view::CaseView, std::time::Duration)> = BTreeMap::new();
+    while done.len() < cases.len() && std::time::Instant::now() < deadline {
+        for (vi, id, started) in &cases {
+            if done.contains_key(id) {
+                continue;
+            }
+            if let Some(view) = running[*vi].show(*id).await?
+                && view.report.is_some()
+            {
+                done.insert(*id, (view, started.elapsed()));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    println!();
+    println!(
+        "{:<10} {:<9} {:<8} {:<36} {:>4} {:>9}",
+        "case", "modality", "urgency", "read at (tier)", "hops", "report in"
+    );
+    for (vi, id, _) in &cases {
+        match done.get(id) {
+            Some((v, took)) => {
+                let r = v.report.as_ref().expect("reported");
+                println!(
+                    "{:<10} {:<9} {:<8} {:<36} {:>4} {:>8.1}s",
+                    &v.case_id[..8],
+                    v.modality,
+                    v.urgency,
+                    format!("{} ({})", r.node.split('.').next().unwrap_or(""), r.tier),
+                    v.trail.len(),
+                    took.as_secs_f64()
+                );
+            }
+            None => println!("{:<10} from {} — NO REPORT YET", &id.to_string()[..8], plan[*vi].name),
+        }
+    }
+    let all = done.len() == cases.len();
+    if let Some((_, (v, _))) = done.iter().next() {
+        println!("\nOne case in full (telemed-node show):\n{}", v.render());
+    }
+    if !headless {
+        println!("Federation running; Ctrl-C to stop.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    for node in running {
+        let _ = node.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(all)
+}
+
+fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("telemed-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -6,5 +6,12 @@
 //! make an escalation decision itself: every decision goes through `tiers::Node`,
 //! and every state change the UI asks for goes through the core's inputs.
 
+pub mod blobs;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod demo;
+pub mod store;
+pub mod transfer;
 pub mod transport;
+pub mod view;

@@ -454,3 +454,214 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
     assert!(id.matches_peer_id(&certs::keys::peer_id_of(&a.creds.public_key).unwrap()));
     assert!(!id.matches_peer_id(&certs::keys::peer_id_of(&other.creds.public_key).unwrap()));
 }
+
+// --- whole nodes: real processes, real certificates, SQLite, kill -9 ---------------------
+
+mod federation_processes {
+    use federation_proto::{Modality, Tier};
+    use node::config::{Config, ParentConfig};
+    use node::control::{Request, Response};
+    use node::demo::{PlannedNode, provision};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// Kills every child process when the test ends, however it ends.
+    struct Procs(Vec<(String, Child)>);
+    impl Drop for Procs {
+        fn drop(&mut self) {
+            for (_, c) in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn spawn(config_path: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_telemed-node"))
+            .args(["run", "--config"])
+            .arg(config_path)
+            .env("TELEMED_LOG", "info,quinn=warn,quinn_proto=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn write_config(dir: &Path, config: &Config) -> PathBuf {
+        let path = dir.join(format!("{}.toml", config.name));
+        std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+        path
+    }
+
+    async fn ask(config: &Config, req: Request) -> Option<Response> {
+        node::control::request(&config.control_socket(), &req).await.ok()
+    }
+
+    async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, secs: u64, mut f: impl FnMut() -> F) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seven_real_nodes_deliver_reports_and_survive_kill_9_of_a_middle_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let names = [
+            ("hub.telemed.int", Tier::International),
+            ("nhc.cn", Tier::National),
+            ("hub.henan.cn", Tier::Provincial),
+            ("zhengzhou.henan.cn", Tier::City),
+            ("dengfeng.zhengzhou.henan.cn", Tier::County),
+            ("gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Township),
+            ("v01.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village),
+        ];
+        let plan: Vec<PlannedNode> = names
+            .iter()
+            .enumerate()
+            .map(|(i, (name, tier))| PlannedNode {
+                name: (*name).into(),
+                tier: *tier,
+                parent: (i > 0).then(|| names[i - 1].0.to_owned()),
+                // Only the city reads imaging; the case must climb four hops.
+                experts: if *tier == Tier::City { vec![(Modality::Imaging, 2)] } else { vec![] },
+            })
+            .collect();
+        let mut configs = provision(tmp.path(), &plan).unwrap();
+        let ports: Vec<u16> = configs.iter().map(|_| free_port()).collect();
+        for i in 0..configs.len() {
+            configs[i].listen = format!("127.0.0.1:{}", ports[i]).parse().unwrap();
+            if i > 0 {
+                configs[i].parents = vec![ParentConfig {
+                    name: configs[i - 1].name.clone(),
+                    tier: configs[i - 1].tier,
+                    addr: configs[i - 1].listen,
+                }];
+            }
+        }
+        let paths: Vec<PathBuf> = configs.iter().map(|c| write_config(tmp.path(), c)).collect();
+        let logs: Vec<PathBuf> = configs.iter().map(|c| tmp.path().join(format!("{}.log", c.name))).collect();
+        let mut procs = Procs(Vec::new());
+        for i in 0..configs.len() {
+            procs.0.push((configs[i].name.clone(), spawn(&paths[i], &logs[i])));
+        }
+        for c in &configs {
+            wait_until("control sockets", 60, || async { ask(c, Request::Status).await.is_some() }).await;
+        }
+        let village = &configs[6];
+        let township = &configs[5];
+        let t0 = Instant::now();
+
+        // A large study (kept as one attachment) so the kill lands mid-transfer, and a
+        // real small CT.
+        let big = tmp.path().join("study.bin");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&big).unwrap();
+            let mut x: u64 = 0x9E3779B97F4A7C15;
+            let mut buf = vec![0u8; 1 << 20];
+            for _ in 0..48 {
+                for b in buf.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+                f.write_all(&buf).unwrap();
+            }
+        }
+        let ct = node::demo::testdata_dir().join("CT_small.dcm");
+        let mut ids = Vec::new();
+        for (file, urgency) in [(&big, federation_proto::Urgency::Routine), (&ct, federation_proto::Urgency::Urgent)] {
+            let req = node::daemon::SubmitRequest {
+                files: vec![file.clone()],
+                modality: Modality::Imaging,
+                urgency,
+                question: "test".into(),
+                patient: "p-1".into(),
+                task: None,
+            };
+            match ask(village, Request::Submit(req)).await.unwrap() {
+                Response::Submitted { case_id } => ids.push(case_id),
+                other => panic!("{other:?}"),
+            }
+        }
+
+        // Kill the township with SIGKILL while the large study is half-way into it.
+        let partial = township.blob_dir().join("partial");
+        wait_until("the township receiving the study", 60, || async {
+            std::fs::read_dir(&partial)
+                .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 1 << 20).unwrap_or(false)))
+                .unwrap_or(false)
+        })
+        .await;
+        eprintln!("{:?}: killing the township mid-transfer", t0.elapsed());
+        let (_, child) = &mut procs.0[5];
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let partial_before: u64 =
+            std::fs::read_dir(&partial).unwrap().flatten().map(|e| e.metadata().unwrap().len()).sum();
+        assert!(partial_before > 0 && partial_before < 48 << 20, "killed mid-transfer ({partial_before} bytes in)");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        procs.0[5].1 = spawn(&paths[5], &logs[5]);
+
+        for id in &ids {
+            wait_until("every report back at the village", 120, || async {
+                matches!(ask(village, Request::Show { case_id: id.clone() }).await, Some(Response::Case(v)) if v.report.is_some())
+            })
+            .await;
+        }
+        eprintln!("{:?}: every report is back at the village", t0.elapsed());
+        if let Ok(dir) = std::env::var("TELEMED_TEST_KEEP_LOGS") {
+            for l in &logs {
+                let _ = std::fs::copy(l, Path::new(&dir).join(l.file_name().unwrap()));
+            }
+        }
+        for id in &ids {
+            let Some(Response::Case(v)) = ask(village, Request::Show { case_id: id.clone() }).await else { panic!() };
+            let report = v.report.as_ref().unwrap();
+            assert_eq!(report.node, "zhengzhou.henan.cn", "read at the city, the first tier with imaging experts");
+            assert_eq!(v.trail.len(), 3, "village→township→county→city: {:#?}", v.trail);
+        }
+        // Stop everything, then check each store: exactly one report per case everywhere,
+        // and every audit chain verifies.
+        drop(procs);
+        for c in &configs {
+            let store = node::store::SqliteStore::open_read_only(&c.db_path()).await.unwrap();
+            store.verify_audit_chain().await.unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            let tail = store.audit_tail(10_000).await.unwrap();
+            for id in &ids {
+                let signed = tail
+                    .iter()
+                    .filter(|r| {
+                        r.kind == "report.signed" && r.case.map(|c| c.to_string()).as_deref() == Some(id.as_str())
+                    })
+                    .count();
+                let expected = usize::from(c.name == "zhengzhou.henan.cn");
+                assert_eq!(signed, expected, "{}: case {id} signed {signed} times", c.name);
+            }
+            if c.name == village.name {
+                for id in &ids {
+                    let at_origin = tail
+                        .iter()
+                        .filter(|r| {
+                            r.kind == "report.at_origin"
+                                && r.case.map(|c| c.to_string()).as_deref() == Some(id.as_str())
+                        })
+                        .count();
+                    assert_eq!(at_origin, 1, "case {id} reported to the clinic exactly once");
+                }
+            }
+        }
+    }
+}

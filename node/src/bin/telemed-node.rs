@@ -1,6 +1,12 @@
-//! `telemed-node`: the federation node's command line.
+//! `telemed-node`: the federation node's daemon and command line.
 
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use federation_proto::{Modality, Tier, Urgency};
+use node::config::Config;
+use node::control::{self, Request, Response};
+use node::daemon::{self, SubmitRequest};
+use std::path::PathBuf;
 
 /// A node of the seven-tier telemedicine federation.
 #[derive(Parser)]
@@ -12,12 +18,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node daemon.
+    Run {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Submit a case from files (at this node, the origin).
+    Submit {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        modality: Modality,
+        #[arg(long, default_value = "routine")]
+        urgency: Urgency,
+        /// The clinical question for the reader.
+        #[arg(long)]
+        question: String,
+        /// The patient's pseudonym at this clinic.
+        #[arg(long)]
+        patient: String,
+        /// Reading task, e.g. `ecg.rhythm` (defaults by modality).
+        #[arg(long)]
+        task: Option<String>,
+        /// Files: DICOM, WFDB, SVS/TIFF, ...
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// What this node holds, what is waiting and since when.
+    Status {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A case's report and its full trail.
+    Show {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        case_id: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the seven-tier demo federation and narrate each case's life.
-    ///
-    /// Today the demo runs the real escalation cores in one process with simulated
-    /// time; the networked demo (QUIC, SQLite) comes with the data-plane issue.
     Demo {
-        /// Seed for the demo run (the same seed gives the same run).
+        /// Run to completion, print a summary table and exit (0 once every case has
+        /// its report back). Without it the federation keeps running.
+        #[arg(long)]
+        headless: bool,
+        /// Only the in-process core simulation (no sockets, simulated time).
+        #[arg(long)]
+        simulated: bool,
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
@@ -29,16 +80,119 @@ enum Command {
         name: String,
         /// The node's tier (village, township, county, city, provincial, national, international).
         #[arg(long)]
-        tier: federation_proto::Tier,
+        tier: Tier,
         /// Directory to write `node.key` and `node.csr` into (refuses to overwrite).
         #[arg(long, default_value = ".")]
-        out: std::path::PathBuf,
+        out: PathBuf,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TELEMED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,quinn_proto=warn,sqlx=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn fmt_age(ms: u64) -> String {
+    let now = node::view::now().0;
+    let s = now.saturating_sub(ms) / 1000;
+    if s < 120 {
+        format!("{s} s")
+    } else if s < 7200 {
+        format!("{} min", s / 60)
+    } else {
+        format!("{} h", s / 3600)
+    }
+}
+
+async fn ask(config: &std::path::Path, req: Request) -> anyhow::Result<Response> {
+    let config = Config::load(config)?;
+    control::request(&config.control_socket(), &req)
+        .await
+        .with_context(|| format!("is the node running? (no answer on {})", config.control_socket().display()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logs();
     match Cli::parse().command {
-        Command::Demo { seed } => print!("{}", node::demo::run(seed)),
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let socket = config.control_socket();
+            let running = daemon::start(config).await?;
+            control::serve(&socket, running.sender())
+                .await
+                .with_context(|| format!("control socket {}", socket.display()))?;
+            let handle = running.sender();
+            tokio::spawn(async move {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                handle.shutdown().await;
+            });
+            running.wait().await?;
+            let _ = std::fs::remove_file(&socket);
+        }
+        Command::Submit { config, modality, urgency, question, patient, task, files } => {
+            let files = files
+                .into_iter()
+                .map(|f| std::fs::canonicalize(&f).with_context(|| format!("{}", f.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let req = SubmitRequest { files, modality, urgency, question, patient, task };
+            match ask(&config, Request::Submit(req)).await? {
+                Response::Submitted { case_id } => println!("{case_id}"),
+                Response::Error { message } => bail!("not submitted: {message}"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        Command::Status { config, json } => match ask(&config, Request::Status).await? {
+            Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+            Response::Status(s) => {
+                println!(
+                    "{} ({})  links up: {}",
+                    s.name,
+                    s.tier,
+                    if s.links.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        s.links.iter().map(|(n, t)| format!("{n} ({t})")).collect::<Vec<_>>().join(", ")
+                    }
+                );
+                println!("{:<32}  {:<8} {:<9} {:<12} {:>8}  where", "case", "urgency", "modality", "status", "since");
+                for c in s.cases {
+                    println!(
+                        "{:<32}  {:<8} {:<9} {:<12} {:>8}  {}{}",
+                        c.case_id,
+                        c.urgency,
+                        c.modality,
+                        c.status,
+                        fmt_age(c.since_ms),
+                        c.where_,
+                        c.read_by.map(|r| format!(" — read by {r}")).unwrap_or_default()
+                    );
+                }
+            }
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer: {other:?}"),
+        },
+        Command::Show { config, case_id, json } => match ask(&config, Request::Show { case_id }).await? {
+            Response::Case(v) if json => println!("{}", serde_json::to_string_pretty(&v)?),
+            Response::Case(v) => print!("{}", v.render()),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer: {other:?}"),
+        },
+        Command::Demo { headless, simulated, seed } => {
+            if simulated {
+                print!("{}", node::demo::run(seed));
+            } else {
+                let ok = node::demo::run_federation(headless).await?;
+                if !ok {
+                    bail!("not every case got its report back in time");
+                }
+            }
+        }
         Command::Keygen { name, tier, out } => {
             let (key, csr) = certs::enrol::write_key_and_csr(&out, &name.as_str().into(), tier)?;
             println!("wrote {} (private, 0600) and {}", key.display(), csr.display());

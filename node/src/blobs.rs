@@ -1,0 +1,580 @@
+//! The content-addressed blob directory: every attachment a node holds, stored once
+//! under the SHA-256 of its bytes.
+//!
+//! Layout under the data directory given to [`BlobStore::open`]:
+//!
+//! ```text
+//! objects/ab/cdef…   complete, verified blobs (hash in hex, split after two digits)
+//! partial/abcdef…    a blob being received, its bytes so far (the resume point)
+//! partial/import-…   a file being imported, before its hash is known
+//! ```
+//!
+//! Architecture invariants:
+//! - A file appears under `objects/` only by an atomic rename, after its whole
+//!   content was hashed and matched the name, and after it was fsynced. A blob under
+//!   `objects/` is therefore complete and correct; a crash leaves at most a partial
+//!   file or a stray import file behind, never a bad object.
+//! - Objects are immutable: nothing here writes to or truncates a file under
+//!   `objects/`.
+//! - Memory is bounded by one copy buffer ([`COPY_BUF_LEN`]) or one chunk
+//!   ([`CHUNK_LEN_MAX`]) whatever the size of a blob.
+//! - Writes to one partial blob are serialized, so an append always lands exactly at
+//!   the resume point.
+//!
+//! This module must never decide who may read a blob (that is the caller's job) and
+//! never touch the network.
+
+use federation_proto::ContentHash;
+use federation_proto::codec::CHUNK_LEN_MAX;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Size of the buffer used to stream files through SHA-256 and into the store.
+pub const COPY_BUF_LEN: usize = 1024 * 1024;
+
+/// What can go wrong with the blob directory, grouped by cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    // --- content: whoever supplied the bytes is at fault ------------------------------
+    /// The bytes do not hash to the name they were stored under. The partial file
+    /// has been deleted.
+    #[error("content of {expected:?} hashes to {actual:?}; the received bytes were discarded")]
+    HashMismatch { expected: ContentHash, actual: ContentHash },
+
+    // --- misuse: a request that does not fit the blob ---------------------------------
+    /// An append not at the resume point (the bytes already received).
+    #[error("append to {hash:?} at offset {offset}, but the resume point is {expected}")]
+    WrongOffset { hash: ContentHash, offset: u64, expected: u64 },
+    /// A byte range outside the blob.
+    #[error("range {offset}+{len} lies outside {hash:?} of {size} bytes")]
+    RangeOutOfBounds { hash: ContentHash, offset: u64, len: u32, size: u64 },
+    /// No complete blob with this hash is stored here.
+    #[error("no blob {hash:?} in the store")]
+    NotFound { hash: ContentHash },
+    /// `finish` was called with a size other than the bytes received.
+    #[error("{hash:?} has {have} bytes received, not the {size} expected")]
+    Incomplete { hash: ContentHash, have: u64, size: u64 },
+
+    // --- local I/O ---------------------------------------------------------------------
+    /// The disk (or the user's quota) is full. Received bytes are kept; the transfer
+    /// resumes once space is freed.
+    #[error(
+        "disk full while {op} {}: free space in the data directory; received bytes are kept and the transfer resumes",
+        path.display()
+    )]
+    DiskFull { op: &'static str, path: PathBuf },
+    /// Any other I/O failure on the local disk.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BlobError {
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BlobError {
+        move |source| {
+            if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) {
+                BlobError::DiskFull { op, path: path.to_owned() }
+            } else {
+                BlobError::Io { op, path: path.to_owned(), source }
+            }
+        }
+    }
+}
+
+/// The blob directory. Cheap to clone; clones share the per-blob write locks.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    objects: PathBuf,
+    partial: PathBuf,
+    /// Serializes writes (append, finish, discard) to one partial blob.
+    writers: KeyedLocks,
+    /// Serializes whole transfers of one blob (see [`BlobStore::lock_transfer`]).
+    transfers: KeyedLocks,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the blob directory `dir`, with `dir/objects` and
+    /// `dir/partial` inside.
+    pub fn open(dir: &Path) -> Result<BlobStore, BlobError> {
+        let objects = dir.join("objects");
+        let partial = dir.join("partial");
+        for d in [&objects, &partial] {
+            fs::create_dir_all(d).map_err(BlobError::io("creating", d))?;
+        }
+        Ok(BlobStore {
+            inner: Arc::new(Inner {
+                objects,
+                partial,
+                writers: KeyedLocks::default(),
+                transfers: KeyedLocks::default(),
+            }),
+        })
+    }
+
+    /// Where the complete blob `hash` is (or would be) stored.
+    pub fn path_of(&self, hash: &ContentHash) -> PathBuf {
+        let hex = hash.to_string();
+        self.inner.objects.join(&hex[..2]).join(&hex[2..])
+    }
+
+    /// Where the bytes received so far of the incomplete blob `hash` are kept.
+    pub(crate) fn partial_path(&self, hash: &ContentHash) -> PathBuf {
+        self.inner.partial.join(hash.to_string())
+    }
+
+    /// Whether the complete, verified blob `hash` is stored here. Partial blobs do
+    /// not count.
+    pub fn contains(&self, hash: &ContentHash) -> bool {
+        self.path_of(hash).is_file()
+    }
+
+    /// Size in bytes of the complete blob `hash`.
+    pub async fn object_len(&self, hash: &ContentHash) -> Result<u64, BlobError> {
+        let path = self.path_of(hash);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(m.len()),
+            Ok(_) => Err(BlobError::NotFound { hash: *hash }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BlobError::NotFound { hash: *hash }),
+            Err(e) => Err(BlobError::io("reading metadata of", &path)(e)),
+        }
+    }
+
+    /// Bytes already received of the incomplete blob `hash`: the offset to resume
+    /// from. 0 when nothing was received (or the blob is complete).
+    pub async fn partial_len(&self, hash: &ContentHash) -> u64 {
+        tokio::fs::metadata(self.partial_path(hash)).await.map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Imports a local file: streams it through SHA-256 into a temporary file, fsyncs
+    /// it and renames it into place. Idempotent: importing the same content twice
+    /// stores it once. Returns the hash and size.
+    pub async fn import_file(&self, path: &Path) -> Result<(ContentHash, u64), BlobError> {
+        let store = self.clone();
+        let path = path.to_owned();
+        blocking(move || {
+            let mut src = File::open(&path).map_err(BlobError::io("opening", &path))?;
+            store.import_blocking(|buf| src.read(buf).map_err(BlobError::io("reading", &path)))
+        })
+        .await
+    }
+
+    /// Imports bytes held in memory (small attachments, tests). Idempotent.
+    pub async fn import_bytes(&self, bytes: &[u8]) -> Result<(ContentHash, u64), BlobError> {
+        let store = self.clone();
+        let bytes = bytes.to_vec();
+        blocking(move || {
+            let mut rest = &bytes[..];
+            store.import_blocking(|buf| {
+                let n = rest.len().min(buf.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    fn import_blocking(
+        &self,
+        mut read: impl FnMut(&mut [u8]) -> Result<usize, BlobError>,
+    ) -> Result<(ContentHash, u64), BlobError> {
+        let tmp = self.inner.partial.join(format!("import-{:016x}.tmp", rand::random::<u64>()));
+        let result = (|| {
+            let mut out = File::create_new(&tmp).map_err(BlobError::io("creating", &tmp))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; COPY_BUF_LEN];
+            let mut size = 0u64;
+            loop {
+                let n = read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(BlobError::io("writing", &tmp))?;
+                size += n as u64;
+            }
+            out.sync_all().map_err(BlobError::io("syncing", &tmp))?;
+            let hash = ContentHash(hasher.finalize().into());
+            self.install(&tmp, &hash)?;
+            Ok((hash, size))
+        })();
+        // On success the file was renamed away (or was a duplicate); either way, gone.
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    /// Moves the verified, synced file `from` into `objects/` under `hash` and syncs
+    /// the directories. If the object already exists, `from` is removed instead.
+    fn install(&self, from: &Path, hash: &ContentHash) -> Result<(), BlobError> {
+        let to = self.path_of(hash);
+        if to.is_file() {
+            return fs::remove_file(from).map_err(BlobError::io("removing", from));
+        }
+        let dir = to.parent().expect("objects/ab/… has a parent");
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(BlobError::io("creating", dir))?;
+            sync_dir(&self.inner.objects)?;
+        }
+        fs::rename(from, &to).map_err(BlobError::io("renaming into", &to))?;
+        sync_dir(dir)
+    }
+
+    /// Reads `len` bytes (at most [`CHUNK_LEN_MAX`]) of the complete blob `hash` from
+    /// `offset`; the last chunk may be shorter. A range starting at or past the end
+    /// is refused (except offset 0 of an empty blob).
+    pub async fn read_chunk(&self, hash: &ContentHash, offset: u64, len: u32) -> Result<Vec<u8>, BlobError> {
+        let path = self.path_of(hash);
+        let hash = *hash;
+        blocking(move || {
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlobError::NotFound { hash }),
+                Err(e) => return Err(BlobError::io("opening", &path)(e)),
+            };
+            let size = file.metadata().map_err(BlobError::io("reading metadata of", &path))?.len();
+            let in_range = offset < size || (offset == 0 && size == 0);
+            if !in_range || len == 0 {
+                return Err(BlobError::RangeOutOfBounds { hash, offset, len, size });
+            }
+            let n = u64::from(len.min(CHUNK_LEN_MAX)).min(size - offset) as usize;
+            let mut data = vec![0u8; n];
+            file.seek(SeekFrom::Start(offset)).map_err(BlobError::io("seeking in", &path))?;
+            file.read_exact(&mut data).map_err(BlobError::io("reading", &path))?;
+            Ok(data)
+        })
+        .await
+    }
+
+    /// Appends received bytes to the incomplete blob `hash`. `offset` must be the
+    /// resume point ([`BlobStore::partial_len`]); anything else is refused and
+    /// nothing is written. Not fsynced: [`BlobStore::finish`] syncs, and verifies the
+    /// whole content, so bytes lost or torn by a power cut are caught there.
+    pub async fn append_chunk(&self, hash: &ContentHash, offset: u64, data: &[u8]) -> Result<(), BlobError> {
+        let _guard = self.inner.writers.lock(*hash).await;
+        let path = self.partial_path(hash);
+        let hash = *hash;
+        let data = data.to_vec();
+        blocking(move || {
+            let mut file =
+                OpenOptions::new().create(true).append(true).open(&path).map_err(BlobError::io("opening", &path))?;
+            let have = file.metadata().map_err(BlobError::io("reading metadata of", &path))?.len();
+            if have != offset {
+                return Err(BlobError::WrongOffset { hash, offset, expected: have });
+            }
+            if let Err(e) = file.write_all(&data) {
+                // Cut a torn write back to the resume point so the next append fits.
+                let _ = file.set_len(have);
+                return Err(BlobError::io("writing", &path)(e));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Completes the incomplete blob `hash` of `size` bytes: streams it through
+    /// SHA-256; on a mismatch deletes it and returns [`BlobError::HashMismatch`];
+    /// otherwise fsyncs it, renames it into `objects/` and fsyncs the directory.
+    /// Idempotent once the object exists.
+    pub async fn finish(&self, hash: &ContentHash, size: u64) -> Result<(), BlobError> {
+        let _guard = self.inner.writers.lock(*hash).await;
+        let store = self.clone();
+        let hash = *hash;
+        blocking(move || {
+            let path = store.partial_path(&hash);
+            if store.contains(&hash) {
+                let _ = fs::remove_file(&path);
+                return Ok(());
+            }
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                // An empty blob needs no bytes received.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && size == 0 => {
+                    let mut create = OpenOptions::new();
+                    create.read(true).write(true).create(true);
+                    create.open(&path).map_err(BlobError::io("creating", &path))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(BlobError::Incomplete { hash, have: 0, size });
+                }
+                Err(e) => return Err(BlobError::io("opening", &path)(e)),
+            };
+            let have = file.metadata().map_err(BlobError::io("reading metadata of", &path))?.len();
+            if have != size {
+                return Err(BlobError::Incomplete { hash, have, size });
+            }
+            let actual = hash_stream(&mut file).map_err(BlobError::io("reading", &path))?;
+            if actual != hash {
+                fs::remove_file(&path).map_err(BlobError::io("removing", &path))?;
+                return Err(BlobError::HashMismatch { expected: hash, actual });
+            }
+            file.sync_all().map_err(BlobError::io("syncing", &path))?;
+            drop(file);
+            store.install(&path, &hash)
+        })
+        .await
+    }
+
+    /// Deletes whatever was received of the incomplete blob `hash` (e.g. a partial
+    /// file longer than the attachment can be).
+    pub async fn discard_partial(&self, hash: &ContentHash) -> Result<(), BlobError> {
+        let _guard = self.inner.writers.lock(*hash).await;
+        let path = self.partial_path(hash);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(BlobError::io("removing", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until no other transfer of `hash` is running in this process, and
+    /// holds that exclusivity until the returned guard is dropped. Two fetches of the
+    /// same blob (two cases sharing an attachment) then run one after the other, and
+    /// the second finds the blob complete.
+    pub async fn lock_transfer(&self, hash: &ContentHash) -> TransferLock {
+        TransferLock { _guard: self.inner.transfers.lock(*hash).await }
+    }
+}
+
+/// Exclusive right to transfer one blob; see [`BlobStore::lock_transfer`].
+#[derive(Debug)]
+pub struct TransferLock {
+    _guard: KeyedGuard,
+}
+
+/// SHA-256 of everything from the reader's position on, through a bounded buffer.
+fn hash_stream(reader: &mut impl Read) -> io::Result<ContentHash> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_BUF_LEN];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(ContentHash(hasher.finalize().into()))
+}
+
+/// Makes a rename or creation inside `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), BlobError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(BlobError::io("syncing directory", dir))
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, BlobError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(BlobError::Io { op: "running file task", path: PathBuf::new(), source: io::Error::other(e) }),
+    }
+}
+
+/// One async mutex per key, created on demand and dropped with its last user, so the
+/// map holds only keys in use.
+#[derive(Debug, Default)]
+struct KeyedLocks {
+    locks: Arc<Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: ContentHash) -> KeyedGuard {
+        let mutex = self.locks.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone();
+        let guard = mutex.clone().lock_owned().await;
+        KeyedGuard { map: self.locks.clone(), key, mutex, guard: Some(guard) }
+    }
+}
+
+#[derive(Debug)]
+struct KeyedGuard {
+    map: Arc<Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>>,
+    key: ContentHash,
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyedGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the map and this guard hold it: nobody else waits for this key.
+        if Arc::strong_count(&self.mutex) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    fn random_bytes(len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rng().fill_bytes(&mut v);
+        v
+    }
+
+    fn store() -> (tempfile::TempDir, BlobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn import_contains_and_read_round_trip() {
+        let (dir, store) = store();
+        let bytes = random_bytes(3 * CHUNK_LEN_MAX as usize + 17);
+        let src = dir.path().join("ecg.bin");
+        std::fs::write(&src, &bytes).unwrap();
+
+        let (hash, size) = store.import_file(&src).await.unwrap();
+        assert_eq!(hash, ContentHash::of(&bytes));
+        assert_eq!(size, bytes.len() as u64);
+        assert!(store.contains(&hash));
+        assert_eq!(std::fs::read(store.path_of(&hash)).unwrap(), bytes);
+        let hex = hash.to_string();
+        assert!(store.path_of(&hash).ends_with(format!("objects/{}/{}", &hex[..2], &hex[2..])));
+        assert_eq!(store.object_len(&hash).await.unwrap(), size);
+
+        let mut read = Vec::new();
+        let mut offset = 0u64;
+        while offset < size {
+            let chunk = store.read_chunk(&hash, offset, u32::MAX).await.unwrap();
+            assert!(chunk.len() <= CHUNK_LEN_MAX as usize, "len capped at CHUNK_LEN_MAX");
+            offset += chunk.len() as u64;
+            read.extend_from_slice(&chunk);
+        }
+        assert_eq!(read, bytes);
+        assert_eq!(store.read_chunk(&hash, 5, 10).await.unwrap(), &bytes[5..15]);
+
+        // Idempotent, from a file or from memory; no temporary files left behind.
+        assert_eq!(store.import_file(&src).await.unwrap(), (hash, size));
+        assert_eq!(store.import_bytes(&bytes).await.unwrap(), (hash, size));
+        assert_eq!(std::fs::read_dir(dir.path().join("partial")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn empty_blob_round_trips() {
+        let (_dir, store) = store();
+        let (hash, size) = store.import_bytes(b"").await.unwrap();
+        assert_eq!((hash, size), (ContentHash::of(b""), 0));
+        assert!(store.contains(&hash));
+        assert_eq!(store.read_chunk(&hash, 0, 10).await.unwrap(), Vec::<u8>::new());
+        // And one received over the wire: no bytes at all, then finish.
+        let (_dir2, other) = self::store();
+        other.finish(&hash, 0).await.unwrap();
+        assert!(other.contains(&hash));
+    }
+
+    #[tokio::test]
+    async fn read_out_of_range_or_missing_is_refused() {
+        let (_dir, store) = store();
+        let (hash, size) = store.import_bytes(&random_bytes(1000)).await.unwrap();
+        for (offset, len) in [(size, 1), (size + 1, 1), (u64::MAX, u32::MAX), (0, 0)] {
+            let err = store.read_chunk(&hash, offset, len).await.unwrap_err();
+            assert!(matches!(err, BlobError::RangeOutOfBounds { size: 1000, .. }), "{offset}+{len}: {err}");
+        }
+        // A range running past the end is cut at the end.
+        assert_eq!(store.read_chunk(&hash, 990, 100).await.unwrap().len(), 10);
+        let missing = ContentHash([9; 32]);
+        assert!(matches!(store.read_chunk(&missing, 0, 1).await, Err(BlobError::NotFound { .. })));
+        assert!(matches!(store.object_len(&missing).await, Err(BlobError::NotFound { .. })));
+    }
+
+    #[tokio::test]
+    async fn append_at_the_resume_point_then_finish_installs_the_object() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(100_000);
+        let hash = ContentHash::of(&bytes);
+        assert_eq!(store.partial_len(&hash).await, 0);
+        store.append_chunk(&hash, 0, &bytes[..40_000]).await.unwrap();
+        assert_eq!(store.partial_len(&hash).await, 40_000);
+        assert!(!store.contains(&hash), "a partial blob is not contained");
+
+        // Neither a gap nor an overlap is accepted, and nothing is written.
+        for offset in [0, 39_999, 40_001] {
+            let err = store.append_chunk(&hash, offset, &bytes[40_000..50_000]).await.unwrap_err();
+            assert!(matches!(err, BlobError::WrongOffset { offset: o, expected: 40_000, .. } if o == offset), "{err}");
+        }
+        assert_eq!(store.partial_len(&hash).await, 40_000);
+        let err = store.finish(&hash, 100_000).await.unwrap_err();
+        assert!(matches!(err, BlobError::Incomplete { have: 40_000, size: 100_000, .. }), "{err}");
+
+        store.append_chunk(&hash, 40_000, &bytes[40_000..]).await.unwrap();
+        store.finish(&hash, 100_000).await.unwrap();
+        assert!(store.contains(&hash));
+        assert_eq!(store.partial_len(&hash).await, 0);
+        assert_eq!(std::fs::read(store.path_of(&hash)).unwrap(), bytes);
+        store.finish(&hash, 100_000).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn finish_with_wrong_content_is_a_hash_mismatch_and_leaves_no_object() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(10_000);
+        let hash = ContentHash::of(&bytes);
+        let mut tampered = bytes.clone();
+        tampered[1234] ^= 1;
+        store.append_chunk(&hash, 0, &tampered).await.unwrap();
+        let err = store.finish(&hash, 10_000).await.unwrap_err();
+        match err {
+            BlobError::HashMismatch { expected, actual } => {
+                assert_eq!(expected, hash);
+                assert_eq!(actual, ContentHash::of(&tampered));
+            }
+            other => panic!("expected HashMismatch, got {other}"),
+        }
+        assert!(!store.contains(&hash));
+        assert!(!store.path_of(&hash).exists());
+        assert_eq!(store.partial_len(&hash).await, 0, "the bad partial is deleted, the next try starts over");
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_to_one_blob_never_interleave() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(64 * 1024);
+        let hash = ContentHash::of(&bytes);
+        // Many writers race for the same resume point: exactly one wins each round.
+        for round in 0..4 {
+            let offset = round * 16 * 1024;
+            let chunk = &bytes[offset..offset + 16 * 1024];
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let (store, chunk) = (store.clone(), chunk.to_vec());
+                    tokio::spawn(async move { store.append_chunk(&hash, offset as u64, &chunk).await })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                ok += usize::from(t.await.unwrap().is_ok());
+            }
+            assert_eq!(ok, 1);
+        }
+        store.finish(&hash, bytes.len() as u64).await.unwrap();
+        assert!(store.inner.writers.locks.lock().unwrap().is_empty(), "locks are dropped with their last user");
+    }
+
+    #[test]
+    fn enospc_is_reported_as_disk_full() {
+        let err = BlobError::io("writing", Path::new("/data/partial/ab"))(io::Error::from_raw_os_error(28));
+        assert!(matches!(err, BlobError::DiskFull { .. }), "{err}");
+        assert!(err.to_string().contains("disk full while writing /data/partial/ab"), "{err}");
+    }
+}

