@@ -633,9 +633,24 @@ mod federation_processes {
             assert_eq!(report.node, "zhengzhou.henan.cn", "read at the city, the first tier with imaging experts");
             assert_eq!(v.trail.len(), 3, "village→township→county→city: {:#?}", v.trail);
         }
+        // The client commands, as an operator runs them.
+        let cli = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_telemed-node")).args(args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let village_toml = paths[6].to_str().unwrap();
+        let shown = cli(&["show", "--config", village_toml, &ids[1]]);
+        assert!(shown.contains("report by expert dr.zhengzhou at zhengzhou.henan.cn (city)"), "{shown}");
+        assert!(shown.contains("(village) → gaocheng.dengfeng.zhengzhou.henan.cn (township)"), "{shown}");
+        let status = cli(&["status", "--config", village_toml]);
+        assert!(status.contains(&ids[0]) && status.contains("read by expert dr.zhengzhou"), "{status}");
+
         // Stop everything, then check each store: exactly one report per case everywhere,
         // and every audit chain verifies.
         drop(procs);
+        let offline = cli(&["status", "--config", village_toml]);
+        assert!(offline.contains("node NOT RUNNING") && offline.contains(&ids[0]), "{offline}");
         for c in &configs {
             let store = node::store::SqliteStore::open_read_only(&c.db_path()).await.unwrap();
             store.verify_audit_chain().await.unwrap_or_else(|e| panic!("{}: {e}", c.name));

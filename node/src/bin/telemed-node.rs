@@ -147,36 +147,71 @@ async fn main() -> anyhow::Result<()> {
                 other => bail!("unexpected answer: {other:?}"),
             }
         }
-        Command::Status { config, json } => match ask(&config, Request::Status).await? {
-            Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
-            Response::Status(s) => {
-                println!(
-                    "{} ({})  links up: {}",
-                    s.name,
-                    s.tier,
-                    if s.links.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        s.links.iter().map(|(n, t)| format!("{n} ({t})")).collect::<Vec<_>>().join(", ")
-                    }
-                );
-                println!("{:<32}  {:<8} {:<9} {:<12} {:>8}  where", "case", "urgency", "modality", "status", "since");
-                for c in s.cases {
+        Command::Status { config, json } => {
+            let loaded = Config::load(&config)?;
+            match control::request(&loaded.control_socket(), &Request::Status).await {
+                Ok(Response::Status(s)) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Ok(Response::Status(s)) => {
                     println!(
-                        "{:<32}  {:<8} {:<9} {:<12} {:>8}  {}{}",
-                        c.case_id,
-                        c.urgency,
-                        c.modality,
-                        c.status,
-                        fmt_age(c.since_ms),
-                        c.where_,
-                        c.read_by.map(|r| format!(" — read by {r}")).unwrap_or_default()
+                        "{} ({})  links up: {}",
+                        s.name,
+                        s.tier,
+                        if s.links.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            s.links.iter().map(|(n, t)| format!("{n} ({t})")).collect::<Vec<_>>().join(", ")
+                        }
                     );
+                    println!(
+                        "{:<32}  {:<8} {:<9} {:<12} {:>8}  where",
+                        "case", "urgency", "modality", "status", "since"
+                    );
+                    for c in s.cases {
+                        println!(
+                            "{:<32}  {:<8} {:<9} {:<12} {:>8}  {}{}",
+                            c.case_id,
+                            c.urgency,
+                            c.modality,
+                            c.status,
+                            fmt_age(c.since_ms),
+                            c.where_,
+                            c.read_by.map(|r| format!(" — read by {r}")).unwrap_or_default()
+                        );
+                    }
+                }
+                Ok(Response::Error { message }) => bail!("{message}"),
+                Ok(other) => bail!("unexpected answer: {other:?}"),
+                Err(_) => {
+                    // The daemon is not running: read the store directly (read-only).
+                    let store = node::store::SqliteStore::open_read_only(&loaded.db_path())
+                        .await
+                        .with_context(|| format!("node not running and no store at {}", loaded.db_path().display()))?;
+                    let cases = store.summaries().await?;
+                    if json {
+                        let lines: Vec<_> = cases.iter().map(|c| serde_json::json!({
+                            "case_id": c.id.to_string(), "origin": c.origin.to_string(), "modality": c.modality.to_string(),
+                            "urgency": c.urgency.to_string(), "status": c.status, "since_ms": c.updated_at.0,
+                            "read_at": c.read_at_node.as_ref().map(|n| n.to_string()),
+                        })).collect();
+                        println!("{}", serde_json::to_string_pretty(&lines)?);
+                    } else {
+                        println!("{} — node NOT RUNNING; from its store ({} cases)", loaded.name, cases.len());
+                        println!("{:<32}  {:<8} {:<9} {:<12} {:>8}", "case", "urgency", "modality", "status", "since");
+                        for c in cases {
+                            println!(
+                                "{:<32}  {:<8} {:<9} {:<12} {:>8}{}",
+                                c.id.to_string(),
+                                c.urgency.to_string(),
+                                c.modality.to_string(),
+                                c.status,
+                                fmt_age(c.updated_at.0),
+                                c.read_at_node.map(|n| format!("  read at {n}")).unwrap_or_default()
+                            );
+                        }
+                    }
                 }
             }
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer: {other:?}"),
-        },
+        }
         Command::Show { config, case_id, json } => match ask(&config, Request::Show { case_id }).await? {
             Response::Case(v) if json => println!("{}", serde_json::to_string_pretty(&v)?),
             Response::Case(v) => print!("{}", v.render()),
