@@ -448,6 +448,21 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
     let err = NodeCredentials::from_pem(&chain_pem, &other_key).unwrap_err();
     assert!(err.to_string().to_lowercase().contains("key"), "{err}");
 
+    // Credentials that pair a certificate with another node's key (bypassing the
+    // loader's check) cannot bring a link up: the handshake proof of possession fails.
+    let county = enrol(&mut fed.henan, COUNTY, Tier::County);
+    let mut server = serve(&fed.trust, &county);
+    let b = enrol(&mut fed.henan, "v015.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
+    let forged = NodeCredentials { chain: a.creds.chain.clone(), key: b.creds.key.clone_key(), public_key: a.creds.public_key };
+    match transport::endpoint("127.0.0.1:0".parse().unwrap(), &forged, verifier(&fed.trust)) {
+        Err(e) => assert!(e.to_string().contains("key"), "refused locally: {e}"),
+        Ok(ep) => {
+            let err = transport::connect(&ep, server.addr, &county.name, &a.claim(), &fed.trust).await.unwrap_err();
+            assert!(!matches!(err, TransportError::Timeout { .. }), "{err}");
+            assert!(next_result(&mut server).await.is_err());
+        }
+    }
+
     // A libp2p PeerId derived from another key does not match the certificate.
     let id = identity(&fed.trust, &a);
     let other = enrol(&mut fed.henan, "v014.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
