@@ -453,7 +453,8 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
     let county = enrol(&mut fed.henan, COUNTY, Tier::County);
     let mut server = serve(&fed.trust, &county);
     let b = enrol(&mut fed.henan, "v015.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
-    let forged = NodeCredentials { chain: a.creds.chain.clone(), key: b.creds.key.clone_key(), public_key: a.creds.public_key };
+    let forged =
+        NodeCredentials { chain: a.creds.chain.clone(), key: b.creds.key.clone_key(), public_key: a.creds.public_key };
     match transport::endpoint("127.0.0.1:0".parse().unwrap(), &forged, verifier(&fed.trust)) {
         Err(e) => assert!(e.to_string().contains("key"), "refused locally: {e}"),
         Ok(ep) => {

@@ -1,0 +1,176 @@
+//! A scripted child node for load tests and benchmarks: it links to a real node
+//! with real certificates, offers cases it signs itself, serves their attachment
+//! chunks, and measures the time until each custody receipt arrives.
+//!
+//! This module must never be used by the daemon itself; it plays a peer from outside.
+
+use crate::transport::{self, Link};
+use certs::FederationVerifier;
+use certs::keys::NodeCredentials;
+use certs::verify::TrustStore;
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::DecodePrivateKey;
+use federation_proto::*;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+type Waiters = Arc<Mutex<BTreeMap<CaseId, oneshot::Sender<Instant>>>>;
+
+/// A child node played by a test or benchmark.
+pub struct PlayedChild {
+    pub name: NodeName,
+    pub tier: Tier,
+    pub link: Link,
+    key: SigningKey,
+    parent: NodeName,
+    blobs: Arc<Mutex<BTreeMap<ContentHash, Arc<Vec<u8>>>>>,
+    waiters: Waiters,
+    _endpoint: quinn::Endpoint,
+}
+
+impl PlayedChild {
+    /// Connects to `parent` at `addr` with these credentials (hello/ack included).
+    pub async fn connect(
+        creds: &NodeCredentials,
+        name: NodeName,
+        tier: Tier,
+        trust: Arc<TrustStore>,
+        parent: NodeName,
+        addr: SocketAddr,
+    ) -> Result<PlayedChild, transport::TransportError> {
+        let key = SigningKey::from_pkcs8_der(creds.key.secret_der())
+            .map_err(|e| transport::TransportError::Config(format!("key: {e}")))?;
+        let endpoint = transport::endpoint(
+            "127.0.0.1:0".parse().expect("addr"),
+            creds,
+            Arc::new(FederationVerifier::new(trust.clone())),
+        )?;
+        let claim = NodeClaim { name: name.clone(), tier, public_key: creds.public_key };
+        let link = transport::connect(&endpoint, addr, &parent, &claim, &trust).await?;
+        let child = PlayedChild {
+            name,
+            tier,
+            link,
+            key,
+            parent,
+            blobs: Arc::default(),
+            waiters: Arc::default(),
+            _endpoint: endpoint,
+        };
+        child.serve();
+        Ok(child)
+    }
+
+    fn serve(&self) {
+        let (conn, blobs, waiters) = (self.link.connection.clone(), self.blobs.clone(), self.waiters.clone());
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let (blobs, waiters) = (blobs.clone(), waiters.clone());
+                tokio::spawn(async move {
+                    let Ok(msg) = transport::read_frame(&mut recv).await else { return };
+                    match msg {
+                        Message::ChunkRequest(req) => {
+                            let data = blobs.lock().unwrap_or_else(|p| p.into_inner()).get(&req.hash).cloned();
+                            if let Some(data) = data {
+                                let start = (req.offset as usize).min(data.len());
+                                let end = (start + req.len as usize).min(data.len());
+                                let chunk = data[start..end].to_vec();
+                                let resp = ChunkResponse {
+                                    hash: req.hash,
+                                    offset: req.offset,
+                                    total_size: data.len() as u64,
+                                    chunk_hash: ContentHash::of(&chunk),
+                                    data: chunk,
+                                };
+                                let _ = transport::write_frame(&mut send, &Message::ChunkResponse(resp)).await;
+                                let _ = send.finish();
+                            }
+                        }
+                        Message::CustodyReceipt(env) => {
+                            if let Ok(v) = env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT)
+                                && let Some(tx) =
+                                    waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&v.body.case_id)
+                            {
+                                let _ = tx.send(Instant::now());
+                            }
+                        }
+                        _ => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// A signed offer of a new case with one attachment, as an origin makes it.
+    pub fn make_offer(
+        &self,
+        case_id: CaseId,
+        modality: Modality,
+        urgency: Urgency,
+        attachment: Arc<Vec<u8>>,
+    ) -> CaseOffer {
+        let now = crate::view::now();
+        let hash = ContentHash::of(&attachment);
+        let manifest = CaseManifest {
+            case_id,
+            origin: self.name.clone(),
+            origin_tier: self.tier,
+            modality,
+            task: "ecg.rhythm".into(),
+            urgency,
+            clinical_question: "load test".into(),
+            patient: PatientRef { pseudonym: "load".into(), sex: None, age_years: None },
+            created_at: now,
+            deadline_at: now.saturating_add(3_600_000),
+            attachments: vec![AttachmentRef {
+                hash,
+                size_bytes: attachment.len() as u64,
+                media_type: "application/dicom".into(),
+                name: "case.dcm".into(),
+                priority: Priority::Urgent,
+            }],
+        };
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, attachment);
+        let hop = HopRecord {
+            case_id,
+            from: self.name.clone(),
+            from_tier: self.tier,
+            to: self.parent.clone(),
+            to_tier: self.tier.parent().unwrap_or(Tier::International),
+            arrived_at: now,
+            left_at: now,
+            skipped: vec![],
+            reason: EscalationReason::NoLocalCapacity,
+        };
+        CaseOffer {
+            manifest: SignedEnvelope::sign(&self.key, content_type::MANIFEST, &manifest).expect("encodes"),
+            trail: vec![SignedEnvelope::sign(&self.key, content_type::HOP, &hop).expect("encodes")],
+            findings: vec![],
+        }
+    }
+
+    /// Sends a frame on a new stream.
+    pub async fn send(&self, msg: &Message) -> Result<(), transport::TransportError> {
+        let (mut s, _r) = self.link.connection.open_bi().await.map_err(|e| transport::TransportError::Connection {
+            peer: self.parent.to_string(),
+            detail: e.to_string(),
+        })?;
+        transport::write_frame(&mut s, msg).await?;
+        let _ = s.finish();
+        Ok(())
+    }
+
+    /// Offers a case and waits for its custody receipt; returns the time it took.
+    pub async fn offer_until_receipt(&self, offer: CaseOffer, timeout: Duration) -> Option<Duration> {
+        let case_id = offer.manifest.open::<CaseManifest>(content_type::MANIFEST).ok()?.body.case_id;
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(case_id, tx);
+        let start = Instant::now();
+        self.send(&Message::CaseOffer(offer)).await.ok()?;
+        let at = tokio::time::timeout(timeout, rx).await.ok()?.ok()?;
+        Some(at - start)
+    }
+}
