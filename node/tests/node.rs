@@ -896,3 +896,77 @@ mod bad_peer_input {
         county.shutdown().await.unwrap();
     }
 }
+
+// --- offline first: a village with no parent for a while ------------------------------
+
+mod offline_first {
+    use federation_proto::{Modality, Tier, Urgency};
+    use node::config::ParentConfig;
+    use node::daemon::SubmitRequest;
+    use node::demo::{PlannedNode, provision};
+    use std::time::{Duration, Instant};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn case_submitted_while_the_parent_is_unreachable_is_delivered_once_after_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let township = "gaocheng.dengfeng.zhengzhou.henan.cn";
+        let plan = vec![
+            PlannedNode {
+                name: township.into(),
+                tier: Tier::Township,
+                parent: None,
+                experts: vec![(Modality::Ecg, 1)],
+            },
+            PlannedNode {
+                name: format!("v1.{township}"),
+                tier: Tier::Village,
+                parent: Some(township.into()),
+                experts: vec![],
+            },
+        ];
+        let mut configs = provision(dir.path(), &plan).unwrap();
+        // The parent's address is reserved but nothing listens there yet.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let parent_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        configs[0].listen = parent_addr;
+        configs[1].parents = vec![ParentConfig { name: township.into(), tier: Tier::Township, addr: parent_addr }];
+        let village = node::daemon::start(configs[1].clone()).await.unwrap();
+
+        let req = SubmitRequest {
+            files: vec![node::demo::testdata_dir().join("waveform_ecg.dcm")],
+            modality: Modality::Ecg,
+            urgency: Urgency::Stat,
+            question: "palpitations".into(),
+            patient: "p-9".into(),
+            task: None,
+        };
+        let id = village.submit(req).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = village.status().await.unwrap();
+        let line = status.cases.iter().find(|c| c.case_id == id.to_string()).unwrap();
+        assert_eq!(line.status, "forwarding", "{line:?}");
+        assert!(
+            line.where_.contains(&format!("waiting to hand over to {township}")),
+            "status says what is waiting: {line:?}"
+        );
+        assert!(status.links.is_empty());
+
+        // The parent comes up: the queued case goes out and the report comes back.
+        let parent = node::daemon::start(configs[0].clone()).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = village.show(id).await.unwrap().unwrap();
+            if v.report.is_some() {
+                break;
+            }
+            assert!(Instant::now() < end, "no report after the parent started: {v:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let held = parent.status().await.unwrap().cases;
+        assert_eq!(held.len(), 1, "exactly one copy at the parent");
+        assert_eq!(parent.metrics.reports_signed.load(std::sync::atomic::Ordering::Relaxed), 1, "read once");
+        assert_eq!(village.metrics.reports_at_origin.load(std::sync::atomic::Ordering::Relaxed), 1, "reported once");
+        village.shutdown().await.unwrap();
+        parent.shutdown().await.unwrap();
+    }
+}
