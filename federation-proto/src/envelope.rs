@@ -53,18 +53,29 @@ pub struct Verified<T> {
 impl SignedEnvelope {
     /// Encodes `body` and signs it with `key` under `content_type`.
     pub fn sign<T: Serialize>(key: &SigningKey, content_type: &str, body: &T) -> Result<Self, Error> {
-        let payload = to_cbor(body)?;
-        let kid = key.verifying_key().to_bytes().to_vec();
+        let kid = PublicKey(key.verifying_key().to_bytes());
+        Self::sign_with(&kid, content_type, to_cbor(body)?, |data| key.sign(data).to_bytes().to_vec())
+    }
+
+    /// Builds the envelope [`Self::sign`] builds, over an already-encoded `payload`,
+    /// with the signature `signature` returns for the COSE `Sig_structure` bytes it is
+    /// given. `kid` is the signer's public key. This is the seam for other signers
+    /// (a hardware key, a simulator's stand-in): the bytes around the signature are
+    /// exactly those of [`Self::sign`], so an Ed25519 `signature` gives the same
+    /// envelope, bit for bit.
+    pub fn sign_with(
+        kid: &PublicKey,
+        content_type: &str,
+        payload: Vec<u8>,
+        signature: impl FnOnce(&[u8]) -> Vec<u8>,
+    ) -> Result<Self, Error> {
         let protected = HeaderBuilder::new()
             .algorithm(iana::Algorithm::EdDSA)
-            .key_id(kid)
+            .key_id(kid.0.to_vec())
             .content_type(content_type.to_owned())
             .build();
-        let sign1 = CoseSign1Builder::new()
-            .protected(protected)
-            .payload(payload)
-            .create_signature(b"", |data| key.sign(data).to_bytes().to_vec())
-            .build();
+        let sign1 =
+            CoseSign1Builder::new().protected(protected).payload(payload).create_signature(b"", signature).build();
         let bytes = sign1.to_vec().map_err(|e| Error::Encode(e.to_string()))?;
         Ok(SignedEnvelope(bytes))
     }
@@ -118,6 +129,48 @@ impl SignedEnvelope {
         Ok((sign1, PublicKey(kid)))
     }
 
+    /// Where the payload lies in [`Self::as_bytes`], found by walking the one layout
+    /// every verifying envelope has (an untagged four-element array: protected header,
+    /// empty unprotected map, payload, signature) without decoding anything. For a
+    /// caller that remembers which envelopes it verified (by [`Self::hash`]) and
+    /// re-reads their payloads without parsing them again; on bytes that were never
+    /// verified it says nothing about who signed them.
+    pub fn payload_range(&self) -> Result<std::ops::Range<usize>, Error> {
+        let bad = || Error::BadEnvelope("not in the canonical COSE_Sign1 layout".into());
+        let b = &self.0;
+        // (major type, argument, position after the head) of the CBOR item at `at`.
+        let head = |at: usize| -> Option<(u8, usize, usize)> {
+            let first = *b.get(at)?;
+            let (major, info) = (first >> 5, first & 0x1f);
+            let (arg, len) = match info {
+                0..=23 => (u64::from(info), 1),
+                24 => (u64::from(*b.get(at + 1)?), 2),
+                25 => (u64::from(u16::from_be_bytes(b.get(at + 1..at + 3)?.try_into().ok()?)), 3),
+                26 => (u64::from(u32::from_be_bytes(b.get(at + 1..at + 5)?.try_into().ok()?)), 5),
+                _ => return None,
+            };
+            Some((major, usize::try_from(arg).ok()?, at + len))
+        };
+        let (major, n, at) = head(0).ok_or_else(bad)?;
+        if (major, n) != (4, 4) {
+            return Err(bad());
+        }
+        let (major, protected_len, at) = head(at).ok_or_else(bad)?;
+        if major != 2 {
+            return Err(bad());
+        }
+        let (major, n, at) = head(at + protected_len).ok_or_else(bad)?;
+        if (major, n) != (5, 0) {
+            return Err(bad());
+        }
+        let (major, payload_len, start) = head(at).ok_or_else(bad)?;
+        let end = start.checked_add(payload_len).filter(|e| *e <= b.len()).ok_or_else(bad)?;
+        if major != 2 {
+            return Err(bad());
+        }
+        Ok(start..end)
+    }
+
     /// The key the envelope claims to be signed by. Unverified: use it only to look
     /// up whether that key is trusted, then call [`Self::verify`].
     pub fn claimed_signer(&self) -> Result<PublicKey, Error> {
@@ -127,6 +180,24 @@ impl SignedEnvelope {
     /// Checks the signature and content type, and returns the signer and raw payload.
     /// The payload is not decoded.
     pub fn verify(&self, content_type: &str) -> Result<(PublicKey, Vec<u8>), Error> {
+        self.verify_with(content_type, |signer, data, sig| {
+            let key = VerifyingKey::from_bytes(&signer.0)
+                .map_err(|_| Error::BadEnvelope("key id is not a valid Ed25519 point".into()))?;
+            let sig = ed25519_dalek::Signature::from_slice(sig).map_err(|_| Error::BadSignature)?;
+            key.verify_strict(data, &sig).map_err(|_| Error::BadSignature)
+        })
+    }
+
+    /// [`Self::verify`] with the signature check left to `check(signer, data,
+    /// signature)`, where `data` is the COSE `Sig_structure` the signature covers.
+    /// Everything else (structure, canonical bytes, algorithm, content type) is
+    /// checked here first; the payload is returned only if `check` succeeds, and is
+    /// not decoded.
+    pub fn verify_with(
+        &self,
+        content_type: &str,
+        check: impl FnOnce(&PublicKey, &[u8], &[u8]) -> Result<(), Error>,
+    ) -> Result<(PublicKey, Vec<u8>), Error> {
         let (sign1, signer) = self.parse()?;
         match &sign1.protected.header.content_type {
             Some(coset::ContentType::Text(t)) if t == content_type => {}
@@ -134,12 +205,7 @@ impl SignedEnvelope {
                 return Err(Error::BadEnvelope(format!("content type {other:?} where {content_type} was expected")));
             }
         }
-        let key = VerifyingKey::from_bytes(&signer.0)
-            .map_err(|_| Error::BadEnvelope("key id is not a valid Ed25519 point".into()))?;
-        sign1.verify_signature(b"", |sig, data| {
-            let sig = ed25519_dalek::Signature::from_slice(sig).map_err(|_| Error::BadSignature)?;
-            key.verify_strict(data, &sig).map_err(|_| Error::BadSignature)
-        })?;
+        sign1.verify_signature(b"", |sig, data| check(&signer, data, sig))?;
         let payload = sign1.payload.ok_or_else(|| Error::BadEnvelope("detached payloads are not used here".into()))?;
         Ok((signer, payload))
     }
@@ -159,5 +225,22 @@ impl SignedEnvelope {
             return Err(Error::UnexpectedSigner { expected: *expected, found: signer });
         }
         from_cbor(&payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_range_finds_the_payload_verify_returns() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        for body in [String::new(), "x".repeat(23), "y".repeat(300), "z".repeat(70_000)] {
+            let env = SignedEnvelope::sign(&key, content_type::HOP, &body).unwrap();
+            let (_, payload) = env.verify(content_type::HOP).unwrap();
+            assert_eq!(&env.as_bytes()[env.payload_range().unwrap()], payload.as_slice());
+        }
+        assert!(SignedEnvelope::from_bytes(vec![0x84, 0x41]).payload_range().is_err());
+        assert!(SignedEnvelope::from_bytes(Vec::new()).payload_range().is_err());
     }
 }

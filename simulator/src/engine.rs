@@ -17,6 +17,7 @@
 //! job), read the wall clock for anything but the run's cost figures, or use an
 //! unseeded random source.
 
+use crate::crypto::{CryptoMode, KeyedHashCrypto, Memo};
 use crate::metrics::{
     LinkLoadRow, Metrics, QueueSample, ResolvedRow, TierCount, TierLoadRow, TurnaroundRow, UtilisationRow, percentile,
 };
@@ -41,6 +42,11 @@ pub const EPOCH_MS: u64 = 1_699_920_000_000;
 const HOUR_MS: u64 = 3_600_000;
 /// Rough size of a control message (accept, receipt, reject) on the wire.
 const SMALL_MESSAGE_BYTES: u64 = 256;
+/// How long after a report reaches its origin the cores on its path forget the case
+/// (`Node::archive`); retried at this interval while any of them still owes a receipt.
+const ARCHIVE_AFTER_MS: u64 = 30 * 60_000;
+/// Each core's memory of verified envelopes under the keyed-hash stand-in.
+const NODE_VERIFIED_ENVELOPES_MAX: usize = 256;
 
 /// What happened to one case, for the metrics and for validation tests.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,19 +98,63 @@ pub struct InvariantError {
 #[derive(Debug)]
 enum Ev {
     Arrival,
-    Submit { origin: u32, new: Box<NewCase> },
-    Deliver { from: u32, to: u32, message: Box<Message> },
-    PeerDown { node: u32, peer: u32 },
-    ModelDone { node: u32, epoch: u32, case_id: CaseId, outcome: Box<ModelOutcome> },
-    BlobArrived { node: u32, from: u32, epoch: u32, case_id: CaseId, attachment: Box<AttachmentRef> },
-    ExpertDone { node: u32, epoch: u32, modality: Modality, case_id: CaseId, expert: u64 },
-    Timer { node: u32, at: Millis },
+    Submit {
+        origin: u32,
+        new: Box<NewCase>,
+    },
+    Deliver {
+        from: u32,
+        to: u32,
+        message: Box<Message>,
+    },
+    PeerDown {
+        node: u32,
+        peer: u32,
+    },
+    ModelDone {
+        node: u32,
+        epoch: u32,
+        case_id: CaseId,
+        outcome: Box<ModelOutcome>,
+    },
+    BlobArrived {
+        node: u32,
+        from: u32,
+        epoch: u32,
+        case_id: CaseId,
+        attachment: Box<AttachmentRef>,
+    },
+    ExpertDone {
+        node: u32,
+        epoch: u32,
+        modality: Modality,
+        case_id: CaseId,
+        expert: u64,
+    },
+    Timer {
+        node: u32,
+        at: Millis,
+    },
     HourTick,
     Sample,
-    Crash { node: u32 },
-    Restart { node: u32 },
-    Cut { a: u32, b: u32 },
-    Heal { a: u32, b: u32 },
+    Crash {
+        node: u32,
+    },
+    Restart {
+        node: u32,
+    },
+    Cut {
+        a: u32,
+        b: u32,
+    },
+    Heal {
+        a: u32,
+        b: u32,
+    },
+    /// Bookkeeping, not simulation: drop a finished case from the cores that held it.
+    Archive {
+        case_id: CaseId,
+    },
 }
 
 struct Scheduled {
@@ -148,12 +198,17 @@ struct Roster {
 
 struct CaseTrack {
     log: CaseLog,
+    /// Nodes that held the case (origin, then each that took custody): where to
+    /// archive it once it is finished.
+    holders: Vec<u32>,
 }
 
 /// A simulation of one scenario with one seed.
 pub struct Engine {
     scenario: Scenario,
     seed: u64,
+    crypto: CryptoMode,
+    memo: std::sync::Arc<std::sync::Mutex<Memo>>,
     topo: Topology,
     now: u64,
     end: u64,
@@ -247,6 +302,8 @@ impl Engine {
         let stream = |k: u64| ChaCha8Rng::seed_from_u64(seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut engine = Engine {
             seed,
+            crypto: CryptoMode::default(),
+            memo: Memo::shared(),
             now: 0,
             end,
             arrivals_end,
@@ -306,6 +363,27 @@ impl Engine {
 
     pub fn topology(&self) -> &Topology {
         &self.topo
+    }
+
+    /// Which crypto the cores sign and verify with (default: the keyed-hash stand-in).
+    pub fn with_crypto(mut self, mode: CryptoMode) -> Engine {
+        self.crypto = mode;
+        self
+    }
+
+    /// A core for node `n`, fresh or restored from `records`.
+    fn make_core(&mut self, n: u32, records: Vec<tiers::CaseRecord>) -> Node {
+        let config = self.config(n);
+        let now = self.abs();
+        let crypto: Box<dyn tiers::Crypto> = match self.crypto {
+            CryptoMode::KeyedHash => Box::new(KeyedHashCrypto::new(self.public_key(n), self.memo.clone())),
+            CryptoMode::Real => Box::new(tiers::Ed25519Crypto::new(tiers::harness::key_for(config.name.as_str()))),
+        };
+        if records.is_empty() {
+            Node::with_crypto(config, crypto)
+        } else {
+            Node::restore_with_crypto(config, crypto, records, now)
+        }
     }
 
     fn schedule_faults(&mut self) -> Result<(), ScenarioError> {
@@ -370,6 +448,10 @@ impl Engine {
             }
             debug_assert!(s.at >= self.now, "time never goes back");
             self.now = s.at;
+            if let Ev::Archive { case_id } = s.ev {
+                self.archive(case_id);
+                continue;
+            }
             self.events += 1;
             if self.events.is_multiple_of(8192) {
                 progress(self.now, self.end);
@@ -446,6 +528,7 @@ impl Engine {
                 self.trace_event(a, 2, None);
                 self.cut.insert((a.min(b), a.max(b)));
             }
+            Ev::Archive { case_id } => self.archive(case_id),
             Ev::Heal { a, b } => {
                 self.trace_event(a, 3, None);
                 self.cut.remove(&(a.min(b), a.max(b)));
@@ -543,6 +626,7 @@ impl Engine {
                     read_by_model: false,
                     reads: 0,
                 },
+                holders: vec![origin],
             },
         );
         self.open_cases += 1;
@@ -562,7 +646,13 @@ impl Engine {
 
     fn public_key(&mut self, n: u32) -> PublicKey {
         let name = self.topo.nodes[n as usize].name.as_str();
-        *self.public_keys.entry(n).or_insert_with(|| tiers::harness::public_key_for(name))
+        let mode = self.crypto;
+        *self.public_keys.entry(n).or_insert_with(|| match mode {
+            CryptoMode::Real => tiers::harness::public_key_for(name),
+            // Any 32 bytes serve as an identity for the stand-in; deriving an Ed25519
+            // public key costs a scalar multiplication per node.
+            CryptoMode::KeyedHash => PublicKey(ContentHash::of(format!("telemed-sim key:{name}").as_bytes()).0),
+        })
     }
 
     fn peer(&mut self, n: u32) -> Peer {
@@ -612,6 +702,11 @@ impl Engine {
             .collect();
         config.experts = self.expert_pools(node.tier);
         config.seed = self.seed ^ u64::from(n).wrapping_mul(0xA076_1D64_78BD_642F);
+        if self.crypto == CryptoMode::KeyedHash {
+            // The run's shared memo already spares re-parsing; a small per-node memory
+            // keeps 3,000 busy cores from holding ~1 MB of hashes each.
+            config.limits.verified_envelopes_max = NODE_VERIFIED_ENVELOPES_MAX;
+        }
         config
     }
 
@@ -641,13 +736,8 @@ impl Engine {
         for u in up {
             self.ensure_core(u);
         }
-        let config = self.config(n);
-        let key = tiers::harness::key_for(config.name.as_str());
-        let now = self.abs();
-        let core = match self.stores.get(&n) {
-            Some(store) if !store.is_empty() => Node::restore(config, key, store.values().cloned().collect(), now),
-            _ => Node::new(config, key),
-        };
+        let records = self.stores.get(&n).map(|s| s.values().cloned().collect()).unwrap_or_default();
+        let core = self.make_core(n, records);
         self.cores[n as usize] = Some(Box::new(core));
         self.created[n as usize] = true;
         self.init_pools(n);
@@ -702,12 +792,9 @@ impl Engine {
         if !self.created[n as usize] {
             return; // never ran: it is created on first use
         }
-        let config = self.config(n);
-        let key = tiers::harness::key_for(config.name.as_str());
         let records: Vec<tiers::CaseRecord> =
             self.stores.get(&n).map(|s| s.values().cloned().collect()).unwrap_or_default();
-        let now = self.abs();
-        let core = Node::restore(config, key, records, now);
+        let core = self.make_core(n, records);
         // The reading room reopens: queued cases back in the queue, claimed ones re-read.
         let mut queued = Vec::new();
         let mut claimed = Vec::new();
@@ -900,8 +987,11 @@ impl Engine {
             Event::CaseCreated { case_id } => self.trace_event(n, 30, Some(&case_id)),
             Event::CustodyTaken { case_id, .. } => {
                 self.trace_event(n, 31, Some(&case_id));
-                if let Some(t) = self.cases.get(&case_id) {
+                if let Some(t) = self.cases.get_mut(&case_id) {
                     *self.tier_load.entry((tier, t.log.modality)).or_default() += 1;
+                    if !t.holders.contains(&n) {
+                        t.holders.push(n);
+                    }
                 }
             }
             Event::ModelRead { case_id, decisive, .. } => {
@@ -940,6 +1030,7 @@ impl Engine {
                 {
                     t.log.reported_at_origin_ms = Some(now);
                     self.open_cases -= 1;
+                    self.schedule(now + ARCHIVE_AFTER_MS, Ev::Archive { case_id });
                 }
             }
             Event::Recalled { case_id } => self.trace_event(n, 40, Some(&case_id)),
@@ -1093,6 +1184,36 @@ impl Engine {
             }
         }
         self.schedule(self.now + HOUR_MS, Ev::HourTick);
+    }
+
+    /// Drops a finished case from every core that held it, once none of them owes
+    /// anything for it (each has its report at the origin or acknowledged below), so
+    /// memory follows the cases in flight, not every case ever seen. Tried again
+    /// later while any holder still waits for a receipt.
+    fn archive(&mut self, case_id: CaseId) {
+        let Some(t) = self.cases.get(&case_id) else { return };
+        let holders = t.holders.clone();
+        let finished = |c: &tiers::CaseRecord| {
+            matches!(c.status, tiers::CaseStatus::Reported { .. })
+                && matches!(c.report_down, tiers::ReportDown::AtOrigin | tiers::ReportDown::Acked { .. })
+        };
+        let all_finished = holders
+            .iter()
+            .all(|&h| self.cores[h as usize].as_ref().and_then(|c| c.case(&case_id)).is_none_or(finished));
+        if !all_finished {
+            if self.now + ARCHIVE_AFTER_MS <= self.end {
+                self.schedule(self.now + ARCHIVE_AFTER_MS, Ev::Archive { case_id });
+            }
+            return;
+        }
+        for h in holders {
+            if let Some(core) = self.cores[h as usize].as_mut()
+                && core.case(&case_id).is_some()
+                && let Err(e) = core.archive(case_id)
+            {
+                self.violations.push(format!("archive refused at {}: {e}", self.topo.nodes[h as usize].name));
+            }
+        }
     }
 
     // ----- results -----

@@ -12,6 +12,7 @@
 //! Architecture invariant: this crate never depends on `node` and never copies the
 //! core's escalation logic; every decision about a case is made by `tiers`.
 
+pub mod crypto;
 pub mod engine;
 pub mod erlang;
 pub mod metrics;

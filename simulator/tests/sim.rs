@@ -229,3 +229,21 @@ fn cli_runs_a_scenario_and_compares_two_runs() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.toml"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The keyed-hash stand-in changes what the signatures cost, not what the cores
+/// decide: the same run with real Ed25519 gives the same trace.
+#[test]
+fn keyed_hash_crypto_gives_the_trace_of_real_ed25519() {
+    use simulator::Engine;
+    use simulator::crypto::CryptoMode;
+    let run_with = |mode| {
+        let outcome =
+            Engine::new(bundled("henan-baseline.toml", 0.005, 8.0), 5).unwrap().with_crypto(mode).run(&mut |_, _| {});
+        outcome.check().unwrap();
+        outcome.metrics
+    };
+    let (fast, real) = (run_with(CryptoMode::KeyedHash), run_with(CryptoMode::Real));
+    assert!(fast.cases_submitted > 5);
+    assert_eq!(fast.trace_hash, real.trace_hash);
+    assert_eq!(fast.turnaround, real.turnaround);
+}

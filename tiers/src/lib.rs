@@ -11,6 +11,7 @@
 
 pub mod capacity;
 pub mod case;
+pub mod crypto;
 pub mod harness;
 pub mod node;
 pub mod policy;
@@ -18,6 +19,7 @@ pub mod store;
 
 pub use capacity::{ExpertPool, KnownAdvert, ModelSpec};
 pub use case::{CaseRecord, CaseStatus, ReportDown};
+pub use crypto::{Crypto, Ed25519Crypto};
 pub use federation_proto::{Modality, Tier, Urgency};
 pub use node::{
     ActionError, Event, ModelOutcome, NewCase, Node, NodeConfig, Output, Peer, PeerError, ReportDraft, Upstream,

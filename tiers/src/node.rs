@@ -12,6 +12,7 @@
 
 use crate::capacity::{ExpertPool, KnownAdvert, ModelSpec};
 use crate::case::{CaseRecord, CaseStatus, ReportDown};
+use crate::crypto::{Crypto, Ed25519Crypto, VerifiedEnvelopes};
 use crate::policy::{DeadlinePolicy, Limits, RetryPolicy};
 use crate::store::Change;
 use ed25519_dalek::SigningKey;
@@ -19,8 +20,9 @@ use federation_proto::{
     AlreadyHave, AttachmentRef, CapacityAdvert, CaseId, CaseManifest, CaseOffer, ContentHash, CustodyReceipt,
     EscalationReason, Finding, HopRecord, Label, Message, Millis, Modality, ModalityCapacity, NodeName, OfferAccept,
     PatientRef, PublicKey, Reader, Recall, Reject, RejectCode, Report, ReportDelivery, ReportReceipt, SignedEnvelope,
-    Tier, Urgency, content_type,
+    Tier, Urgency, Verified, content_type,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -232,9 +234,14 @@ pub struct PeerError {
 /// The escalation core of one node.
 pub struct Node {
     config: NodeConfig,
-    key: SigningKey,
+    crypto: Box<dyn Crypto>,
     public_key: PublicKey,
+    /// Envelopes whose signatures were already checked (or made) here.
+    verified: VerifiedEnvelopes,
     cases: BTreeMap<CaseId, CaseRecord>,
+    /// What each case contributes to the counters below, as last indexed.
+    index: BTreeMap<CaseId, CaseIndex>,
+    counts: Counts,
     /// Wake-ups, ordered: (when, case).
     timers: BTreeSet<(Millis, CaseId)>,
     /// The wake-up currently armed for each case.
@@ -248,15 +255,24 @@ pub struct Node {
 }
 
 impl Node {
-    /// A fresh node with no cases.
+    /// A fresh node with no cases, signing with `key` (Ed25519 COSE).
     pub fn new(config: NodeConfig, key: SigningKey) -> Node {
-        let public_key = PublicKey(key.verifying_key().to_bytes());
+        Node::with_crypto(config, Box::new(Ed25519Crypto::new(key)))
+    }
+
+    /// A fresh node with no cases that signs and verifies through `crypto`.
+    pub fn with_crypto(config: NodeConfig, crypto: Box<dyn Crypto>) -> Node {
+        let public_key = crypto.public_key();
         let rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
+        let verified = VerifiedEnvelopes::new(config.limits.verified_envelopes_max);
         Node {
             config,
-            key,
+            crypto,
             public_key,
+            verified,
             cases: BTreeMap::new(),
+            index: BTreeMap::new(),
+            counts: Counts::default(),
             timers: BTreeSet::new(),
             armed: BTreeMap::new(),
             peers: BTreeMap::new(),
@@ -271,7 +287,17 @@ impl Node {
     /// offers and report deliveries are re-sent, fetches and model runs re-issued,
     /// queue deadlines re-armed.
     pub fn restore(config: NodeConfig, key: SigningKey, records: Vec<CaseRecord>, now: Millis) -> Node {
-        let mut node = Node::new(config, key);
+        Node::restore_with_crypto(config, Box::new(Ed25519Crypto::new(key)), records, now)
+    }
+
+    /// [`Node::restore`] with another [`Crypto`] (see [`Node::with_crypto`]).
+    pub fn restore_with_crypto(
+        config: NodeConfig,
+        crypto: Box<dyn Crypto>,
+        records: Vec<CaseRecord>,
+        now: Millis,
+    ) -> Node {
+        let mut node = Node::with_crypto(config, crypto);
         for mut record in records {
             let id = record.info.case_id;
             if let Some(from) = &record.came_from
@@ -363,15 +389,14 @@ impl Node {
         }
         self.peers.insert(name.clone(), peer);
         self.down.remove(&name);
-        let waiting: Vec<CaseId> = self
-            .cases
-            .values()
-            .filter(|c| {
-                matches!(&c.status, CaseStatus::Forwarding { to, .. } if *to == name)
-                    || matches!(&c.report_down, ReportDown::Pending { to, .. } if *to == name)
-            })
-            .map(|c| c.info.case_id)
-            .collect();
+        // Cases offered to it or with a report on the way to it: most urgent first,
+        // then earliest deadline (a village back online after days sends STAT first).
+        let mut waiting: Vec<CaseId> =
+            self.counts.waiting_on.get(&name).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        waiting.sort_by_key(|id| {
+            let info = &self.cases[id].info;
+            (info.urgency, info.deadline_at, *id)
+        });
         for id in waiting {
             self.retry_now(now, id);
         }
@@ -383,10 +408,15 @@ impl Node {
     pub fn handle_peer_down(&mut self, now: Millis, peer: &NodeName) {
         self.down.insert(peer.clone());
         let stranded: Vec<CaseId> = self
-            .cases
-            .values()
-            .filter(|c| matches!(&c.status, CaseStatus::Forwarding { to, answered: false, .. } if to == peer))
-            .map(|c| c.info.case_id)
+            .counts
+            .waiting_on
+            .get(peer)
+            .into_iter()
+            .flatten()
+            .filter(|id| {
+                matches!(&self.cases[*id].status, CaseStatus::Forwarding { to, answered: false, .. } if to == peer)
+            })
+            .copied()
             .collect();
         for id in stranded {
             self.reroute(now, id, peer.clone());
@@ -429,7 +459,7 @@ impl Node {
     /// A capacity advert (from gossip or a direct link). Ignored unless signed by the
     /// key of the node it names, as far as that key is known here.
     pub fn handle_advert(&mut self, now: Millis, env: &SignedEnvelope) -> Result<(), String> {
-        let v = env.open::<CapacityAdvert>(content_type::ADVERT).map_err(|e| format!("advert: {e}"))?;
+        let v = self.open::<CapacityAdvert>(env, content_type::ADVERT).map_err(|e| format!("advert: {e}"))?;
         if let Some(peer) = self.peers.get(&v.body.node)
             && peer.public_key != v.signer
         {
@@ -687,6 +717,27 @@ impl Node {
         }
     }
 
+    /// Drops a finished case from memory; its record stays in the store. Allowed
+    /// only once this node owes nobody anything for it: its report is at the origin
+    /// (here) or acknowledged by the child it went to, or the case was recalled with
+    /// no report on its way down. Whatever arrives for it afterwards is answered as
+    /// for an unknown case.
+    pub fn archive(&mut self, case_id: CaseId) -> Result<(), ActionError> {
+        let case = self.cases.get(&case_id).ok_or(ActionError::UnknownCase(case_id))?;
+        let finished = match case.status {
+            CaseStatus::Reported { .. } => matches!(case.report_down, ReportDown::AtOrigin | ReportDown::Acked { .. }),
+            CaseStatus::Recalled { .. } => !matches!(case.report_down, ReportDown::Pending { .. }),
+            _ => false,
+        };
+        if !finished {
+            return Err(self.wrong_state(case_id, "archive"));
+        }
+        self.cases.remove(&case_id);
+        self.rearm(case_id); // drops its timer and its counters
+        debug_assert!(!self.armed.contains_key(&case_id) && !self.index.contains_key(&case_id));
+        Ok(())
+    }
+
     /// This node's capacity right now, signed, for gossip and direct links.
     pub fn capacity_advert(&self, now: Millis) -> Result<SignedEnvelope, ActionError> {
         let capacity = Modality::ALL
@@ -716,19 +767,14 @@ impl Node {
             valid_until: now.saturating_add(ADVERT_VALIDITY_MS),
             capacity,
         };
-        self.sign(content_type::ADVERT, &advert)
+        self.sign_only(content_type::ADVERT, &advert)
     }
 
     /// Who is on duty changed (a shift change). Queued cases are re-checked at their
     /// claim deadlines as usual; cases waiting for any capacity are decided again.
     pub fn handle_experts_changed(&mut self, now: Millis, experts: Vec<ExpertPool>) {
         self.config.experts = experts;
-        let waiting: Vec<CaseId> = self
-            .cases
-            .values()
-            .filter(|c| matches!(c.status, CaseStatus::NoCapacity { .. }))
-            .map(|c| c.info.case_id)
-            .collect();
+        let waiting: Vec<CaseId> = self.counts.no_capacity.iter().copied().collect();
         for id in waiting {
             self.decide_after_model(now, id, None);
         }
@@ -739,7 +785,7 @@ impl Node {
     fn on_offer(&mut self, now: Millis, peer: &Peer, offer: CaseOffer) -> Result<(), PeerError> {
         let refuse =
             |this: &mut Self, id: Option<CaseId>, code, detail: String| Err(this.refuse(&peer.name, id, code, detail));
-        let info = match offer.manifest.open::<CaseManifest>(content_type::MANIFEST) {
+        let info = match self.open::<CaseManifest>(&offer.manifest, content_type::MANIFEST) {
             Ok(v) => {
                 if v.body.origin == peer.name && v.signer != peer.public_key {
                     return refuse(
@@ -805,14 +851,14 @@ impl Node {
                 "trail, findings, attachments or question over the limit".into(),
             );
         }
-        let active = self.cases.values().filter(|c| c.is_active()).count();
+        let active = self.counts.active;
         if active >= limits.cases_active_max {
             return refuse(self, Some(id), RejectCode::Busy, format!("{active} active cases, the limit"));
         }
         // The trail: every record must verify, the last one is the sender's hop to us.
         let mut last_hop = None;
         for env in &offer.trail {
-            match env.open::<HopRecord>(content_type::HOP) {
+            match self.open::<HopRecord>(env, content_type::HOP) {
                 Ok(v) if v.body.case_id == id => last_hop = Some(v),
                 Ok(_) => return refuse(self, Some(id), RejectCode::Malformed, "hop record for another case".into()),
                 Err(e) => return refuse(self, Some(id), e.reject_code(), format!("hop record: {e}")),
@@ -830,7 +876,7 @@ impl Node {
             }
         }
         for env in &offer.findings {
-            if let Err(e) = env.open::<Finding>(content_type::FINDING) {
+            if let Err(e) = self.open::<Finding>(env, content_type::FINDING) {
                 return refuse(self, Some(id), e.reject_code(), format!("finding: {e}"));
             }
         }
@@ -891,7 +937,7 @@ impl Node {
     }
 
     fn on_custody_receipt(&mut self, now: Millis, peer: &Peer, env: SignedEnvelope) -> Result<(), PeerError> {
-        let receipt: CustodyReceipt = match env.open_from(content_type::CUSTODY_RECEIPT, &peer.public_key) {
+        let receipt: CustodyReceipt = match self.open_from(&env, content_type::CUSTODY_RECEIPT, &peer.public_key) {
             Ok(r) => r,
             Err(e) => return Err(self.refuse(&peer.name, None, e.reject_code(), format!("custody receipt: {e}"))),
         };
@@ -951,7 +997,7 @@ impl Node {
                 "report from a node this case was never sent to".into(),
             ));
         }
-        match delivery.report.open::<Report>(content_type::REPORT) {
+        match self.open::<Report>(&delivery.report, content_type::REPORT) {
             Ok(v) if v.body.case_id == id => {}
             Ok(_) => {
                 return Err(self.refuse(
@@ -964,8 +1010,8 @@ impl Node {
             Err(e) => return Err(self.refuse(&peer.name, Some(id), e.reject_code(), format!("report: {e}"))),
         };
         let report_hash = delivery.report.hash();
-        if let Some(existing) = &case.report {
-            if existing.hash() != report_hash {
+        if let Some(existing_hash) = self.cases[&id].report.as_ref().map(|r| r.hash()) {
+            if existing_hash != report_hash {
                 self.emit(Output::Notify(Event::ConflictingReport { case_id: id, from: peer.name.clone() }));
             }
             // Acknowledge again so the sender stops; nothing is forwarded twice.
@@ -974,12 +1020,12 @@ impl Node {
         }
         // Verify the trail and findings from above before keeping them.
         for env in &delivery.trail {
-            if let Err(e) = env.open::<HopRecord>(content_type::HOP) {
+            if let Err(e) = self.open::<HopRecord>(env, content_type::HOP) {
                 return Err(self.refuse(&peer.name, Some(id), e.reject_code(), format!("hop record: {e}")));
             }
         }
         for env in &delivery.findings {
-            if let Err(e) = env.open::<Finding>(content_type::FINDING) {
+            if let Err(e) = self.open::<Finding>(env, content_type::FINDING) {
                 return Err(self.refuse(&peer.name, Some(id), e.reject_code(), format!("finding: {e}")));
             }
         }
@@ -994,7 +1040,7 @@ impl Node {
     }
 
     fn on_report_receipt(&mut self, _now: Millis, peer: &Peer, env: SignedEnvelope) -> Result<(), PeerError> {
-        let receipt: ReportReceipt = match env.open_from(content_type::REPORT_RECEIPT, &peer.public_key) {
+        let receipt: ReportReceipt = match self.open_from(&env, content_type::REPORT_RECEIPT, &peer.public_key) {
             Ok(r) => r,
             Err(e) => return Err(self.refuse(&peer.name, None, e.reject_code(), format!("report receipt: {e}"))),
         };
@@ -1020,7 +1066,7 @@ impl Node {
     }
 
     fn on_recall(&mut self, now: Millis, peer: &Peer, env: SignedEnvelope) -> Result<(), PeerError> {
-        let recall = match env.open::<Recall>(content_type::RECALL) {
+        let recall = match self.open::<Recall>(&env, content_type::RECALL) {
             Ok(v) => v,
             Err(e) => return Err(self.refuse(&peer.name, None, e.reject_code(), format!("recall: {e}"))),
         };
@@ -1243,7 +1289,12 @@ impl Node {
         if let CaseStatus::Forwarding { next_retry_at, attempts, answered, to, .. } = &case.status
             && *next_retry_at <= now
         {
-            if !answered && *attempts >= self.config.retry.attempts_before_reroute {
+            // Reroute on silence only when the transport does not vouch for the link:
+            // a live link that is slow (a big study ahead of the offer on a weak
+            // uplink) must not get a second custodian. A dead link shows up as
+            // `handle_peer_down`, which reroutes at once.
+            let link_up = self.peers.contains_key(to) && !self.down.contains(to);
+            if !answered && !link_up && *attempts >= self.config.retry.attempts_before_reroute {
                 let to = to.clone();
                 self.down.insert(to.clone());
                 self.reroute(now, id, to);
@@ -1306,6 +1357,7 @@ impl Node {
 
     /// Re-computes the case's single wake-up from its state.
     fn rearm(&mut self, id: CaseId) {
+        self.reindex(id);
         if let Some(old) = self.armed.remove(&id) {
             self.timers.remove(&(old, id));
         }
@@ -1335,6 +1387,7 @@ impl Node {
     }
 
     fn persist(&mut self, _now: Millis, id: CaseId) {
+        self.reindex(id);
         let record = self.cases[&id].clone();
         self.emit(Output::Persist(Change::PutCase(Box::new(record))));
     }
@@ -1375,8 +1428,57 @@ impl Node {
         PeerError { peer: peer.clone(), code, detail }
     }
 
-    fn sign<T: Serialize>(&self, content_type: &str, body: &T) -> Result<SignedEnvelope, ActionError> {
-        SignedEnvelope::sign(&self.key, content_type, body).map_err(|e| ActionError::Signing(e.to_string()))
+    /// Encodes and signs `body`. Envelopes signed here count as verified here.
+    fn sign<T: Serialize>(&mut self, content_type: &'static str, body: &T) -> Result<SignedEnvelope, ActionError> {
+        let env = self.sign_only(content_type, body)?;
+        self.verified.insert(env.hash(), content_type, self.public_key);
+        Ok(env)
+    }
+
+    fn sign_only<T: Serialize>(&self, content_type: &str, body: &T) -> Result<SignedEnvelope, ActionError> {
+        let payload = federation_proto::codec::to_cbor(body).map_err(|e| ActionError::Signing(e.to_string()))?;
+        self.crypto.sign(content_type, payload).map_err(|e| ActionError::Signing(e.to_string()))
+    }
+
+    /// Verifies `env` under `content_type` once per node: bytes verified here before
+    /// (found by hash) are read in place, anything else goes to the [`Crypto`].
+    /// Returns the signer and the payload, not yet decoded.
+    fn verify<'e>(
+        &mut self,
+        env: &'e SignedEnvelope,
+        content_type: &'static str,
+    ) -> Result<(PublicKey, std::borrow::Cow<'e, [u8]>), federation_proto::Error> {
+        let hash = env.hash();
+        if let Some(signer) = self.verified.get(&hash, content_type) {
+            return Ok((signer, std::borrow::Cow::Borrowed(&env.as_bytes()[env.payload_range()?])));
+        }
+        let (signer, payload) = self.crypto.verify_hashed(env, &hash, content_type)?;
+        self.verified.insert(hash, content_type, signer);
+        Ok((signer, std::borrow::Cow::Owned(payload)))
+    }
+
+    /// Verifies (see [`Node::verify`]), then decodes the payload.
+    fn open<T: DeserializeOwned>(
+        &mut self,
+        env: &SignedEnvelope,
+        content_type: &'static str,
+    ) -> Result<Verified<T>, federation_proto::Error> {
+        let (signer, payload) = self.verify(env, content_type)?;
+        Ok(Verified { signer, body: federation_proto::codec::from_cbor(&payload)? })
+    }
+
+    /// [`Node::open`], refusing bytes signed by anyone but `expected` before decoding.
+    fn open_from<T: DeserializeOwned>(
+        &mut self,
+        env: &SignedEnvelope,
+        content_type: &'static str,
+        expected: &PublicKey,
+    ) -> Result<T, federation_proto::Error> {
+        let (signer, payload) = self.verify(env, content_type)?;
+        if signer != *expected {
+            return Err(federation_proto::Error::UnexpectedSigner { expected: *expected, found: signer });
+        }
+        federation_proto::codec::from_cbor(&payload)
     }
 
     fn wrong_state(&self, case_id: CaseId, action: &'static str) -> ActionError {
@@ -1399,18 +1501,53 @@ impl Node {
 
     /// Cases of this modality waiting for or being read by local experts.
     fn queue_len(&self, modality: Modality) -> usize {
-        self.cases
-            .values()
-            .filter(|c| c.info.modality == modality)
-            .filter(|c| matches!(c.status, CaseStatus::Queued { .. } | CaseStatus::Claimed { .. }))
-            .count()
+        self.counts.queue_len[modality as usize]
     }
 
-    fn peer_from_trail(&self, record: &CaseRecord, name: &NodeName) -> Option<Peer> {
+    fn peer_from_trail(&mut self, record: &CaseRecord, name: &NodeName) -> Option<Peer> {
         record.trail.iter().rev().find_map(|env| {
-            let v = env.open::<HopRecord>(content_type::HOP).ok()?;
+            let v = self.open::<HopRecord>(env, content_type::HOP).ok()?;
             (v.body.from == *name).then(|| Peer { name: name.clone(), tier: v.body.from_tier, public_key: v.signer })
         })
+    }
+
+    /// Brings the counters up to date with case `id`'s current state (or its absence).
+    fn reindex(&mut self, id: CaseId) {
+        let new = self.cases.get(&id).map(CaseIndex::of);
+        let old = match &new {
+            Some(new) => self.index.insert(id, new.clone()),
+            None => self.index.remove(&id),
+        };
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.counts.apply(id, &old, false);
+        }
+        if let Some(new) = new {
+            self.counts.apply(id, &new, true);
+        }
+        #[cfg(debug_assertions)]
+        {
+            self.counts.changes += 1;
+            if self.cases.len() <= 64 || self.counts.changes.is_multiple_of(256) {
+                self.check_counts();
+            }
+        }
+    }
+
+    /// Recomputes every counter from the records and compares (debug builds).
+    #[cfg(debug_assertions)]
+    fn check_counts(&self) {
+        let mut fresh = Counts::default();
+        for (id, case) in &self.cases {
+            fresh.apply(*id, &CaseIndex::of(case), true);
+        }
+        assert_eq!(fresh.queue_len, self.counts.queue_len, "queue length per modality");
+        assert_eq!(fresh.active, self.counts.active, "active cases");
+        assert_eq!(fresh.waiting_on, self.counts.waiting_on, "cases waiting per peer");
+        assert_eq!(fresh.no_capacity, self.counts.no_capacity, "cases waiting for capacity");
+        assert_eq!(self.index.len(), self.cases.len(), "every case indexed once");
     }
 
     /// splitmix64: a seeded, deterministic source for retry jitter.
@@ -1420,6 +1557,87 @@ impl Node {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// What one case contributes to a node's counters; recomputed from its record on
+/// every change, so the counters never drift from the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CaseIndex {
+    /// Modality, when queued for or claimed by a local expert.
+    queued: Option<Modality>,
+    active: bool,
+    no_capacity: bool,
+    /// Peers it waits on: the one it is offered to, the one its report goes to.
+    waits_on: Vec<NodeName>,
+}
+
+impl CaseIndex {
+    fn of(case: &CaseRecord) -> CaseIndex {
+        let queued =
+            matches!(case.status, CaseStatus::Queued { .. } | CaseStatus::Claimed { .. }).then_some(case.info.modality);
+        let mut waits_on = Vec::new();
+        if let CaseStatus::Forwarding { to, .. } = &case.status {
+            waits_on.push(to.clone());
+        }
+        if let ReportDown::Pending { to, .. } = &case.report_down
+            && !waits_on.contains(to)
+        {
+            waits_on.push(to.clone());
+        }
+        CaseIndex {
+            queued,
+            active: case.is_active(),
+            no_capacity: matches!(case.status, CaseStatus::NoCapacity { .. }),
+            waits_on,
+        }
+    }
+}
+
+/// Counters maintained from [`CaseIndex`]es instead of scanning every case held.
+#[derive(Debug, Default)]
+struct Counts {
+    queue_len: [usize; Modality::ALL.len()],
+    active: usize,
+    /// Per peer, the cases offered to it or with a report pending to it.
+    waiting_on: BTreeMap<NodeName, BTreeSet<CaseId>>,
+    no_capacity: BTreeSet<CaseId>,
+    #[cfg(debug_assertions)]
+    changes: u64,
+}
+
+impl Counts {
+    fn apply(&mut self, id: CaseId, ix: &CaseIndex, add: bool) {
+        let step = |n: &mut usize| {
+            if add {
+                *n += 1;
+            } else {
+                *n = n.checked_sub(1).expect("counter never goes below zero");
+            }
+        };
+        if let Some(m) = ix.queued {
+            step(&mut self.queue_len[m as usize]);
+        }
+        if ix.active {
+            step(&mut self.active);
+        }
+        if ix.no_capacity {
+            if add {
+                self.no_capacity.insert(id);
+            } else {
+                self.no_capacity.remove(&id);
+            }
+        }
+        for peer in &ix.waits_on {
+            if add {
+                self.waiting_on.entry(peer.clone()).or_default().insert(id);
+            } else if let Some(set) = self.waiting_on.get_mut(peer) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.waiting_on.remove(peer);
+                }
+            }
+        }
     }
 }
 

@@ -76,6 +76,14 @@ pub struct Limits {
     pub attachments_max: usize,
     /// Longest clinical question or report text, in bytes.
     pub text_len_max: usize,
+    /// Envelopes remembered as verified here, so each is verified once (about 200
+    /// bytes of memory each when full).
+    #[serde(default = "verified_envelopes_max_default")]
+    pub verified_envelopes_max: usize,
+}
+
+fn verified_envelopes_max_default() -> usize {
+    4096
 }
 
 impl Default for Limits {
@@ -86,6 +94,7 @@ impl Default for Limits {
             findings_max: 64,
             attachments_max: 256,
             text_len_max: 64 * 1024,
+            verified_envelopes_max: verified_envelopes_max_default(),
         }
     }
 }

@@ -513,3 +513,26 @@ fn top_tier_without_capacity_keeps_the_case_and_says_so() {
     assert!(matches!(h.case_at("international", case).unwrap().status, CaseStatus::Queued { .. }));
     assert_invariants(&h);
 }
+
+#[test]
+fn finished_case_can_be_archived_but_one_still_in_flight_cannot() {
+    let mut h = Harness::seven_tier_chain(5);
+    h.configure("county", |c| c.experts = vec![ecg_experts(1, 3 * MIN)]);
+    h.node_mut("county").experts =
+        Some(AutoExperts { name: "dr.county".into(), claim_after_ms: MIN, read_ms: 2 * MIN });
+    let case = h.submit("village", Modality::Ecg, Urgency::Stat, "chest pain");
+    // Held at the county, not read yet: nobody may forget it.
+    h.run_for(MIN / 2);
+    for node in ["village", "township", "county"] {
+        assert!(h.core_mut(node).archive(case).is_err(), "{node} still owes work on the case");
+    }
+    h.run_for(30 * MIN);
+    assert!(report_at(&h, "village", case).node.as_str() == "county");
+    assert_invariants(&h);
+    for node in ["village", "township", "county"] {
+        h.core_mut(node).archive(case).unwrap_or_else(|e| panic!("{node}: {e}"));
+        assert!(h.case_at(node, case).is_none());
+        assert!(h.core(node).poll_timeout().is_none(), "{node}: no timer left for an archived case");
+    }
+    assert!(matches!(h.core_mut("city").archive(case), Err(tiers::ActionError::UnknownCase(_))));
+}

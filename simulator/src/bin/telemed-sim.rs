@@ -8,6 +8,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use simulator::crypto::CryptoMode;
 use simulator::scenario::{Preset, Scenario};
 use simulator::{Engine, Metrics, erlang, report};
 use std::io::IsTerminal;
@@ -39,6 +40,10 @@ enum Command {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// What the cores sign with: `keyed-hash` (the cheap stand-in, same bytes and
+        /// decisions) or `real` (Ed25519, ~10x slower).
+        #[arg(long, default_value = "keyed-hash")]
+        crypto: String,
     },
     /// Compare two runs (their metrics.json files) side by side.
     Compare {
@@ -68,7 +73,12 @@ const CHINA_BASELINE: &str = include_str!("../../scenarios/china-baseline.toml")
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Run { scenario, preset, scale, hours, seed, out } => {
+        Command::Run { scenario, preset, scale, hours, seed, out, crypto } => {
+            let crypto = match crypto.as_str() {
+                "keyed-hash" => CryptoMode::KeyedHash,
+                "real" => CryptoMode::Real,
+                other => bail!("unknown --crypto `{other}`: use keyed-hash or real"),
+            };
             let mut sc = match (scenario, preset.as_deref()) {
                 (Some(path), None) => Scenario::from_file(&path)?,
                 (None, Some("henan")) => Scenario::from_toml(HENAN_BASELINE, "bundled henan-baseline.toml")?,
@@ -88,7 +98,7 @@ fn main() -> Result<()> {
             if let Some(h) = hours {
                 sc.duration_h = h;
             }
-            run(sc, seed, &out)
+            run(sc, seed, &out, crypto)
         }
         Command::Compare { a, b, out } => compare(&a, &b, &out),
         Command::Erlang { lambda_per_h, mu_per_h, servers, hours, seed } => {
@@ -116,8 +126,8 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn run(sc: Scenario, seed: u64, out: &Path) -> Result<()> {
-    let engine = Engine::new(sc, seed)?;
+fn run(sc: Scenario, seed: u64, out: &Path, crypto: CryptoMode) -> Result<()> {
+    let engine = Engine::new(sc, seed)?.with_crypto(crypto);
     let nodes = engine.topology().len();
     let bar = progress_bar();
     let outcome = engine.run(&mut |now, end| {

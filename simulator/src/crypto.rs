@@ -1,0 +1,186 @@
+//! The simulator's stand-in for Ed25519: a keyed hash in the signature's place.
+//!
+//! Every node the simulator runs is the real [`tiers::Node`], but signing and
+//! checking hundreds of thousands of cases' envelopes with Ed25519 would cost most of
+//! a run's time while deciding nothing: in a simulation nobody forges, so every
+//! signature the core checks is valid either way. [`KeyedHashCrypto`] keeps
+//! everything about an envelope except the cost: the same COSE_Sign1 bytes
+//! (protected header with EdDSA, key id and content type; the payload), a 64-byte
+//! "signature" in the same place, so envelopes, messages and link loads have the
+//! same sizes; and `verify` still checks structure, content type and that the bytes
+//! were signed under the key id they name, so a broken driver that altered an
+//! envelope would still be caught. It is not a signature scheme (anyone who knows a
+//! public key can "sign" for it) and must never leave the simulator.
+//!
+//! Most of what is left of the cost is parsing the same envelope again at every
+//! node it passes. So the nodes of one run share a [`Memo`]: the hashes of the
+//! envelopes the stand-in signed, with their content type and signer. `verify`
+//! looks the exact bytes up there and, on a hit, reads the payload in place; on a
+//! miss (the memo is bounded) it does the full check. Same bytes, same answer.
+//!
+//! `telemed-sim run --crypto real` runs the same scenario with [`tiers::Ed25519Crypto`];
+//! the trace hash is the same (see `tests/sim.rs`).
+
+use federation_proto::{ContentHash, Error, PublicKey, SignedEnvelope, content_type};
+use sha2::{Digest, Sha512};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use tiers::Crypto;
+
+/// How many signed envelopes the memo remembers (~100 bytes each).
+pub const MEMO_LEN_MAX: usize = 1 << 20;
+
+/// Envelopes the stand-in signed in this run: hash → (content type, signer).
+#[derive(Debug, Default)]
+pub struct Memo {
+    signed: HashMap<ContentHash, (u8, PublicKey)>,
+    order: VecDeque<ContentHash>,
+}
+
+impl Memo {
+    pub fn shared() -> Arc<Mutex<Memo>> {
+        Arc::new(Mutex::new(Memo::default()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn insert(&mut self, hash: ContentHash, ct: u8, signer: PublicKey) {
+        if self.signed.insert(hash, (ct, signer)).is_none() {
+            self.order.push_back(hash);
+            if self.order.len() > MEMO_LEN_MAX
+                && let Some(old) = self.order.pop_front()
+            {
+                self.signed.remove(&old);
+            }
+        }
+    }
+}
+
+/// A small id for each content type the core uses (the memo stores no strings).
+fn content_type_id(ct: &str) -> Option<u8> {
+    [
+        content_type::MANIFEST,
+        content_type::HOP,
+        content_type::FINDING,
+        content_type::REPORT,
+        content_type::CUSTODY_RECEIPT,
+        content_type::REPORT_RECEIPT,
+        content_type::ADVERT,
+        content_type::RECALL,
+    ]
+    .iter()
+    .position(|c| *c == ct)
+    .map(|i| i as u8)
+}
+
+/// Which crypto the cores use in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CryptoMode {
+    /// [`KeyedHashCrypto`]: same bytes, same decisions, ~100x cheaper.
+    #[default]
+    KeyedHash,
+    /// Real Ed25519 COSE, as between real nodes.
+    Real,
+}
+
+/// A deterministic, cheap stand-in for Ed25519 signatures (see the module docs).
+pub struct KeyedHashCrypto {
+    public_key: PublicKey,
+    memo: Arc<Mutex<Memo>>,
+}
+
+impl KeyedHashCrypto {
+    /// The stand-in for the node whose identity is `public_key`, sharing `memo`
+    /// with the other nodes of the run.
+    pub fn new(public_key: PublicKey, memo: Arc<Mutex<Memo>>) -> KeyedHashCrypto {
+        KeyedHashCrypto { public_key, memo }
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
+        self.memo.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The 64-byte stand-in signature of `data` (a COSE `Sig_structure`) under `key`.
+fn keyed_hash(key: &PublicKey, data: &[u8]) -> [u8; 64] {
+    let mut h = Sha512::new();
+    h.update(b"telemed-sim keyed-hash signature v1");
+    h.update(key.0);
+    h.update(data);
+    h.finalize().into()
+}
+
+impl Crypto for KeyedHashCrypto {
+    fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+
+    fn sign(&self, content_type: &str, payload: Vec<u8>) -> Result<SignedEnvelope, Error> {
+        let env = SignedEnvelope::sign_with(&self.public_key, content_type, payload, |data| {
+            keyed_hash(&self.public_key, data).to_vec()
+        })?;
+        if let Some(ct) = content_type_id(content_type) {
+            self.memo().insert(env.hash(), ct, self.public_key);
+        }
+        Ok(env)
+    }
+
+    fn verify(&self, env: &SignedEnvelope, content_type: &str) -> Result<(PublicKey, Vec<u8>), Error> {
+        self.verify_hashed(env, &env.hash(), content_type)
+    }
+
+    fn verify_hashed(
+        &self,
+        env: &SignedEnvelope,
+        hash: &ContentHash,
+        content_type: &str,
+    ) -> Result<(PublicKey, Vec<u8>), Error> {
+        let ct = content_type_id(content_type);
+        let known = self.memo().signed.get(hash).copied();
+        if let (Some(ct), Some((signed_ct, signer))) = (ct, known)
+            && ct == signed_ct
+        {
+            return Ok((signer, env.as_bytes()[env.payload_range()?].to_vec()));
+        }
+        env.verify_with(content_type, |signer, data, signature| {
+            if signature == keyed_hash(signer, data).as_slice() { Ok(()) } else { Err(Error::BadSignature) }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use federation_proto::codec::to_cbor;
+    use federation_proto::content_type::{HOP, REPORT};
+
+    #[test]
+    fn keyed_hash_envelopes_have_the_size_of_real_ones_and_verify_only_unaltered() {
+        let key = tiers::harness::key_for("county-0");
+        let real = tiers::Ed25519Crypto::new(key);
+        let sim = KeyedHashCrypto::new(real.public_key(), Memo::shared());
+        let payload = to_cbor(&("case", 7u32)).unwrap();
+        let a = sim.sign(HOP, payload.clone()).unwrap();
+        let b = real.sign(HOP, payload).unwrap();
+        assert_eq!(a.as_bytes().len(), b.as_bytes().len());
+        assert_eq!(sim.verify(&a, HOP).unwrap().0, real.public_key());
+        assert!(sim.verify(&a, REPORT).is_err(), "content type is checked");
+        let mut bytes = a.as_bytes().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(sim.verify(&SignedEnvelope::from_bytes(bytes), HOP).is_err(), "altered bytes are refused");
+        // Another node of the run, and one of another run (no memo): same answers.
+        let other = KeyedHashCrypto::new(PublicKey([9; 32]), sim.memo.clone());
+        let fresh = KeyedHashCrypto::new(PublicKey([9; 32]), Memo::shared());
+        for v in [&other, &fresh] {
+            assert_eq!(v.verify(&a, HOP).unwrap(), sim.verify(&a, HOP).unwrap());
+            assert!(v.verify(&a, REPORT).is_err());
+        }
+    }
+}
