@@ -10,13 +10,22 @@
 //! Prints MiB/s for each, the ratio, and the process's peak RSS (VmHWM) during each
 //! phase. Both ends run in this process, so the RSS figure covers sender and
 //! receiver together. Peaks are reset between phases via `/proc/self/clear_refs`.
+//!
+//! A second phase measures per-hop latency on the open link: `BENCH_LAT_N` (200)
+//! fetches of distinct `BENCH_LAT_BYTES` (120 000-byte, an ECG) attachments, each timed
+//! from the first `ChunkRequest` to the object installed (verified and fsynced), and,
+//! for comparison, the same number of bare chunk round trips (request, response,
+//! nothing stored). Prints p50 / p99 / max.
+//!
+//! Knobs: `BENCH_SIZE_MIB` (1024), `BENCH_CHUNKS_IN_FLIGHT` (8), `BENCH_CHUNK_KIB`
+//! (256), `BENCH_DIR` (the temporary directory), `BENCH_LAT_N`, `BENCH_LAT_BYTES`.
 
 use certs::ca::{CertificateAuthority, IntermediateOptions, RootOptions, Validity};
 use certs::enrol;
 use certs::keys::NodeCredentials;
 use certs::verify::{FederationVerifier, TrustStore};
 use federation_proto::codec::{FRAME_HEADER_LEN, frame_len};
-use federation_proto::{AttachmentRef, CaseId, Message, NodeClaim, NodeName, Priority, Tier};
+use federation_proto::{AttachmentRef, CaseId, ChunkRequest, Message, NodeClaim, NodeName, Priority, Tier};
 use node::blobs::BlobStore;
 use node::transfer::{self, TransferLimits};
 use node::transport::{self, AcceptPolicy};
@@ -24,7 +33,7 @@ use rand::RngCore;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
@@ -66,6 +75,16 @@ fn peak_rss_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(f64::NAN);
     kib / 1024.0
+}
+
+/// CPU time (user + system) of this process so far, both ends together, in seconds.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which ends with the last ')': utime, stime are
+    // the 12th and 13th of them, in clock ticks (100 per second on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Resets the peak RSS to the current RSS (Linux ≥ 4.0).
@@ -115,7 +134,7 @@ async fn serve_stream(
     recv.read_exact(&mut payload).await?;
     match federation_proto::decode(&payload)? {
         Message::ChunkRequest(req) => {
-            let _ = transfer::serve_chunk(&blobs, &req, &mut send).await;
+            let _ = transfer::serve_chunk(&blobs, &req, &mut send, None).await;
         }
         other => anyhow::bail!("unexpected {}", other.kind()),
     }
@@ -144,8 +163,11 @@ async fn raw_fetch(conn: &quinn::Connection, mut sink: Option<std::fs::File>) ->
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let size = env_u64("BENCH_SIZE_MIB", 1024) * MIB;
-    let limits =
-        TransferLimits { chunks_in_flight: env_u64("BENCH_CHUNKS_IN_FLIGHT", 8) as usize, ..TransferLimits::default() };
+    let limits = TransferLimits {
+        chunks_in_flight: env_u64("BENCH_CHUNKS_IN_FLIGHT", 8) as usize,
+        chunk_len: (env_u64("BENCH_CHUNK_KIB", 256) * 1024) as u32,
+        ..TransferLimits::default()
+    };
     let dir = tempfile::tempdir_in(
         std::env::var("BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
     )?;
@@ -203,26 +225,26 @@ async fn main() -> anyhow::Result<()> {
 
     // 1. Raw stream, bytes discarded: the link's ceiling.
     reset_peak_rss();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_s());
     let n = raw_fetch(&conn, None).await?;
-    let raw_s = t.elapsed().as_secs_f64();
+    let (raw_s, raw_cpu) = (t.elapsed().as_secs_f64(), cpu_s() - cpu);
     anyhow::ensure!(n == size, "raw stream moved {n} of {size} bytes");
     let raw_rss = peak_rss_mib();
 
     // 2. transfer::fetch: chunked, per-chunk and whole-file hash checks, fsynced.
     reset_peak_rss();
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_s());
     transfer::fetch(&conn, &village_blobs, CaseId([1; 16]), &att, &limits).await?;
-    let fetch_s = t.elapsed().as_secs_f64();
+    let (fetch_s, fetch_cpu) = (t.elapsed().as_secs_f64(), cpu_s() - cpu);
     anyhow::ensure!(village_blobs.contains(&hash), "fetched blob missing");
     let fetch_rss = peak_rss_mib();
 
     // 3. Raw stream written to a file and fsynced (no hashing): the disk's share.
     reset_peak_rss();
     let sink = std::fs::File::create(dir.path().join("raw-sink.bin"))?;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), cpu_s());
     raw_fetch(&conn, Some(sink)).await?;
-    let raw_file_s = t.elapsed().as_secs_f64();
+    let (raw_file_s, raw_file_cpu) = (t.elapsed().as_secs_f64(), cpu_s() - cpu);
     let raw_file_rss = peak_rss_mib();
 
     let (raw, fetched, raw_file) = (mib_s(size, raw_s), mib_s(size, fetch_s), mib_s(size, raw_file_s));
@@ -233,17 +255,78 @@ async fn main() -> anyhow::Result<()> {
         limits.chunk_len / 1024,
         limits.chunks_in_flight
     );
-    println!("{:<38} {:>9} {:>8} {:>14}", "", "MiB/s", "s", "peak RSS MiB");
-    println!("{:<38} {raw:>9.1} {raw_s:>8.2} {raw_rss:>14.1}", "raw quinn stream (discard)");
-    println!("{:<38} {raw_file:>9.1} {raw_file_s:>8.2} {raw_file_rss:>14.1}", "raw quinn stream (to file + fsync)");
-    println!("{:<38} {fetched:>9.1} {fetch_s:>8.2} {fetch_rss:>14.1}", "transfer::fetch (verified, fsynced)");
+    println!("{:<38} {:>9} {:>8} {:>8} {:>14}", "", "MiB/s", "s", "CPU s", "peak RSS MiB");
+    println!("{:<38} {raw:>9.1} {raw_s:>8.2} {raw_cpu:>8.2} {raw_rss:>14.1}", "raw quinn stream (discard)");
+    println!(
+        "{:<38} {raw_file:>9.1} {raw_file_s:>8.2} {raw_file_cpu:>8.2} {raw_file_rss:>14.1}",
+        "raw quinn stream (to file + fsync)"
+    );
+    println!(
+        "{:<38} {fetched:>9.1} {fetch_s:>8.2} {fetch_cpu:>8.2} {fetch_rss:>14.1}",
+        "transfer::fetch (verified, fsynced)"
+    );
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("(CPU s: user + system of the whole process, both ends; {cores} CPUs available)");
     println!();
     println!("fetch / raw (discard)      = {:.1} %", 100.0 * fetched / raw);
     println!("fetch / raw (to file)      = {:.1} %", 100.0 * fetched / raw_file);
     let whole = [setup_rss, raw_rss, fetch_rss, raw_file_rss].into_iter().fold(0.0, f64::max);
     println!("peak RSS of the process (VmHWM, whole run incl. setup) = {whole:.1} MiB");
 
+    // 4. Per-hop latency of a small attachment on the open link.
+    let lat_n = env_u64("BENCH_LAT_N", 200) as usize;
+    let lat_bytes = env_u64("BENCH_LAT_BYTES", 120_000) as usize;
+    if lat_n > 0 {
+        let mut atts = Vec::with_capacity(lat_n);
+        let mut bytes = vec![0u8; lat_bytes];
+        for _ in 0..lat_n {
+            rand::rng().fill_bytes(&mut bytes);
+            let (hash, size_bytes) = county_blobs.import_bytes(&bytes).await?;
+            atts.push(AttachmentRef { hash, size_bytes, priority: Priority::Urgent, ..att.clone() });
+        }
+        // Bare chunk round trips: request, response, per-chunk hash checked; no disk.
+        let mut rtt = Vec::with_capacity(lat_n);
+        for a in &atts {
+            let t = Instant::now();
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let req = ChunkRequest { case_id: CaseId([2; 16]), hash: a.hash, offset: 0, len: lat_bytes as u32 };
+            transport::write_frame(&mut send, &Message::ChunkRequest(req)).await?;
+            send.finish()?;
+            let Message::ChunkResponse(resp) = transport::read_frame(&mut recv).await? else {
+                anyhow::bail!("expected a chunk response");
+            };
+            anyhow::ensure!(federation_proto::ContentHash::of(&resp.data) == resp.chunk_hash, "chunk hash");
+            rtt.push(t.elapsed());
+        }
+        // Whole fetches: request pipeline start to object verified, fsynced, installed.
+        let mut fetched = Vec::with_capacity(lat_n);
+        for a in &atts {
+            let t = Instant::now();
+            transfer::fetch(&conn, &village_blobs, CaseId([3; 16]), a, &TransferLimits::default()).await?;
+            fetched.push(t.elapsed());
+            anyhow::ensure!(village_blobs.contains(&a.hash), "fetched blob missing");
+        }
+        println!();
+        println!("per-hop latency, {lat_n} attachments of {lat_bytes} bytes, one at a time on the open link");
+        println!("{:<38} {:>9} {:>9} {:>9}", "", "p50 ms", "p99 ms", "max ms");
+        for (name, mut v) in [("chunk round trip (no disk)", rtt), ("transfer::fetch (verified, fsynced)", fetched)] {
+            v.sort();
+            let (p50, p99, max) = (pct(&v, 50.0), pct(&v, 99.0), v[v.len() - 1]);
+            println!("{name:<38} {:>9.2} {:>9.2} {:>9.2}", ms(p50), ms(p99), ms(max));
+        }
+    }
+
     conn.close(0u32.into(), b"done");
     server.close(0u32.into(), b"done");
     Ok(())
+}
+
+/// The `p`th percentile of sorted durations (nearest rank).
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

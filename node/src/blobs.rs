@@ -17,9 +17,16 @@
 //! - Objects are immutable: nothing here writes to or truncates a file under
 //!   `objects/`.
 //! - Memory is bounded by one copy buffer ([`COPY_BUF_LEN`]) or one chunk
-//!   ([`CHUNK_LEN_MAX`]) whatever the size of a blob.
+//!   ([`CHUNK_LEN_MAX`]) whatever the size of a blob; a [`PartialWriter`] adds its
+//!   queue of at most [`WRITE_QUEUE_DEPTH`] chunks.
 //! - Writes to one partial blob are serialized, so an append always lands exactly at
 //!   the resume point.
+//! - Partial files are not fsynced chunk by chunk. A [`PartialWriter`] starts a
+//!   background `fdatasync` every [`SYNC_EVERY`] bytes only so that the final fsync is
+//!   short. After a crash a partial file may end in a damaged or missing tail; the
+//!   resume re-hashes whatever is on disk, so such damage is caught by the whole-file
+//!   check when the transfer ends, the partial file is deleted, and that transfer
+//!   starts over. Nothing unverified or unsynced ever reaches `objects/`.
 //!
 //! This module must never decide who may read a blob (that is the caller's job) and
 //! never touch the network.
@@ -32,9 +39,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 /// Size of the buffer used to stream files through SHA-256 and into the store.
 pub const COPY_BUF_LEN: usize = 1024 * 1024;
+/// A [`PartialWriter`] starts a background `fdatasync` of its file each time this many
+/// bytes were written since the last one started (and that one has ended), so that
+/// dirty pages go to disk while the transfer runs and the final fsync is short.
+pub const SYNC_EVERY: u64 = 16 * 1024 * 1024;
+/// Chunks queued between [`PartialWriter::append`] and the thread writing them.
+pub const WRITE_QUEUE_DEPTH: usize = 4;
 
 /// What can go wrong with the blob directory, grouped by cause.
 #[derive(Debug, thiserror::Error)]
@@ -239,22 +253,23 @@ impl BlobStore {
     pub async fn read_chunk(&self, hash: &ContentHash, offset: u64, len: u32) -> Result<Vec<u8>, BlobError> {
         let path = self.path_of(hash);
         let hash = *hash;
+        blocking(move || read_chunk_blocking(&path, hash, offset, len).map(|(_, data)| data)).await
+    }
+
+    /// As [`BlobStore::read_chunk`], and also returns the blob's size and the SHA-256
+    /// of the chunk, all in one trip to the blocking pool (what a sender needs).
+    pub async fn read_chunk_hashed(
+        &self,
+        hash: &ContentHash,
+        offset: u64,
+        len: u32,
+    ) -> Result<(u64, Vec<u8>, ContentHash), BlobError> {
+        let path = self.path_of(hash);
+        let hash = *hash;
         blocking(move || {
-            let mut file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlobError::NotFound { hash }),
-                Err(e) => return Err(BlobError::io("opening", &path)(e)),
-            };
-            let size = file.metadata().map_err(BlobError::io("reading metadata of", &path))?.len();
-            let in_range = offset < size || (offset == 0 && size == 0);
-            if !in_range || len == 0 {
-                return Err(BlobError::RangeOutOfBounds { hash, offset, len, size });
-            }
-            let n = u64::from(len.min(CHUNK_LEN_MAX)).min(size - offset) as usize;
-            let mut data = vec![0u8; n];
-            file.seek(SeekFrom::Start(offset)).map_err(BlobError::io("seeking in", &path))?;
-            file.read_exact(&mut data).map_err(BlobError::io("reading", &path))?;
-            Ok(data)
+            let (size, data) = read_chunk_blocking(&path, hash, offset, len)?;
+            let chunk_hash = ContentHash::of(&data);
+            Ok((size, data, chunk_hash))
         })
         .await
     }
@@ -328,6 +343,41 @@ impl BlobStore {
         .await
     }
 
+    /// Opens the incomplete blob `hash` of `size` bytes for streaming appends with a
+    /// running whole-file SHA-256 (see [`PartialWriter`]). Bytes already received (a
+    /// resumed transfer) are hashed once from disk, through one [`COPY_BUF_LEN`]
+    /// buffer, before this returns; a partial file longer than `size` is emptied
+    /// first. Holds the blob's write lock until the writer and its disk thread are
+    /// done, so no other append, finish or discard of `hash` interleaves.
+    pub async fn partial_writer(&self, hash: &ContentHash, size: u64) -> Result<PartialWriter, BlobError> {
+        let guard = self.inner.writers.lock(*hash).await;
+        let (chunks_tx, chunks_rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let (store, hash) = (self.clone(), *hash);
+        let worker = tokio::task::spawn_blocking(move || {
+            let state = WriterState::open(&store, hash, size, guard)?;
+            let _ = opened_tx.send(state.len);
+            state.run(chunks_rx)
+        });
+        let mut writer = PartialWriter {
+            store: self.clone(),
+            hash,
+            size,
+            resumed_at: 0,
+            next: 0,
+            chunks: None,
+            worker: Some(worker),
+        };
+        match opened_rx.await {
+            Ok(len) => {
+                (writer.resumed_at, writer.next, writer.chunks) = (len, len, Some(chunks_tx));
+                Ok(writer)
+            }
+            // Opening failed: the worker has ended with the reason.
+            Err(_) => Err(writer.join().await.err().unwrap_or_else(|| worker_gone(&hash))),
+        }
+    }
+
     /// Deletes whatever was received of the incomplete blob `hash` (e.g. a partial
     /// file longer than the attachment can be).
     pub async fn discard_partial(&self, hash: &ContentHash) -> Result<(), BlobError> {
@@ -354,6 +404,259 @@ pub struct TransferLock {
     _guard: KeyedGuard,
 }
 
+/// Streams the chunks of one incomplete blob, in order, into its partial file while
+/// keeping the SHA-256 of the whole file so far, so that [`PartialWriter::finish`]
+/// needs no second read of the file. Made by [`BlobStore::partial_writer`].
+///
+/// Hashing and writing run on a blocking thread fed through a queue of at most
+/// [`WRITE_QUEUE_DEPTH`] chunks, so the caller keeps receiving while the disk works;
+/// an error of that thread is returned by the next call. Every [`SYNC_EVERY`] bytes a
+/// background `fdatasync` is started, so that little is left to sync at the end.
+///
+/// Dropping a writer without [`finish`](PartialWriter::finish) or
+/// [`close`](PartialWriter::close) still writes the queued chunks (in the background)
+/// and keeps them as the resume point; the blob's write lock is released only after.
+#[derive(Debug)]
+pub struct PartialWriter {
+    store: BlobStore,
+    hash: ContentHash,
+    size: u64,
+    resumed_at: u64,
+    /// Offset of the next append: bytes on disk plus bytes queued.
+    next: u64,
+    chunks: Option<mpsc::Sender<Vec<u8>>>,
+    worker: Option<tokio::task::JoinHandle<Result<WriterState, BlobError>>>,
+}
+
+impl PartialWriter {
+    /// The blob being written.
+    pub fn hash(&self) -> ContentHash {
+        self.hash
+    }
+
+    /// Bytes that were already on disk when the writer was opened (the resume point).
+    pub fn resumed_at(&self) -> u64 {
+        self.resumed_at
+    }
+
+    /// Offset of the next append: the bytes received so far, written or queued.
+    pub fn len(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether no bytes have been received at all.
+    pub fn is_empty(&self) -> bool {
+        self.next == 0
+    }
+
+    /// Appends `data` at `offset`, which must be [`PartialWriter::len`], and at most
+    /// `size` in all; anything else is refused and nothing is written. Returns once
+    /// the chunk is queued; a failure of an earlier write is returned here (and ends
+    /// the writer).
+    pub async fn append(&mut self, offset: u64, data: Vec<u8>) -> Result<(), BlobError> {
+        if offset != self.next || self.size - self.next < data.len() as u64 {
+            return Err(BlobError::WrongOffset { hash: self.hash, offset, expected: self.next });
+        }
+        let n = data.len() as u64;
+        let Some(chunks) = &self.chunks else { return Err(worker_gone(&self.hash)) };
+        if chunks.send(data).await.is_err() {
+            // The disk thread stopped: it tells why.
+            self.chunks = None;
+            return Err(self.join().await.err().unwrap_or_else(|| worker_gone(&self.hash)));
+        }
+        self.next += n;
+        Ok(())
+    }
+
+    /// Writes what is queued and completes the blob: refuses with
+    /// [`BlobError::Incomplete`] unless exactly `size` bytes were received; on a hash
+    /// mismatch deletes the partial file and returns [`BlobError::HashMismatch`];
+    /// otherwise fsyncs the file, renames it into `objects/` and fsyncs the directory.
+    /// A failed fsync (now or in the background) deletes the partial file: after a
+    /// write-back error the cached bytes can no longer be trusted to reach the disk.
+    pub async fn finish(mut self) -> Result<(), BlobError> {
+        let state = self.join().await?;
+        let (store, hash, size) = (self.store.clone(), self.hash, self.size);
+        blocking(move || state.finish(&store, hash, size)).await
+    }
+
+    /// Writes what is queued and stops, keeping the bytes on disk as the resume point
+    /// (the transfer failed or is paused). Returns the error of the disk thread, if
+    /// any.
+    pub async fn close(mut self) -> Result<(), BlobError> {
+        self.join().await.map(drop)
+    }
+
+    /// Closes the queue and waits for the disk thread to write it and end.
+    async fn join(&mut self) -> Result<WriterState, BlobError> {
+        self.chunks = None;
+        let Some(worker) = self.worker.take() else { return Err(worker_gone(&self.hash)) };
+        match worker.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(BlobError::Io { op: "running file task", path: PathBuf::new(), source: io::Error::other(e) }),
+        }
+    }
+}
+
+fn worker_gone(hash: &ContentHash) -> BlobError {
+    BlobError::Io {
+        op: "writing (writer already closed)",
+        path: PathBuf::from(hash.to_string()),
+        source: io::Error::other("the partial writer's disk thread has ended"),
+    }
+}
+
+/// The disk side of a [`PartialWriter`]: the open partial file, the SHA-256 of its
+/// bytes so far, and the blob's write lock.
+#[derive(Debug)]
+struct WriterState {
+    path: PathBuf,
+    file: Arc<File>,
+    hasher: Sha256,
+    /// Bytes in the file, all of them hashed.
+    len: u64,
+    sync: BackgroundSync,
+    _guard: KeyedGuard,
+}
+
+impl WriterState {
+    /// Opens (creating) the partial file of `hash` and hashes the bytes already in it.
+    fn open(store: &BlobStore, hash: ContentHash, size: u64, guard: KeyedGuard) -> Result<WriterState, BlobError> {
+        let path = store.partial_path(&hash);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(BlobError::io("opening", &path))?;
+        let mut have = file.metadata().map_err(BlobError::io("reading metadata of", &path))?.len();
+        if have > size {
+            // Cannot be a prefix of this blob: start over.
+            file.set_len(0).map_err(BlobError::io("truncating", &path))?;
+            have = 0;
+        }
+        // The running hash must cover what is on disk, not what we think we wrote
+        // before a restart: re-hash the prefix once.
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        if have > 0 {
+            let mut buf = vec![0u8; COPY_BUF_LEN.min(have as usize)];
+            let mut prefix = (&file).take(have);
+            loop {
+                let n = match prefix.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(BlobError::io("reading", &path)(e)),
+                };
+                hasher.update(&buf[..n]);
+                len += n as u64;
+            }
+            if len != have {
+                let e = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{len} of {have} bytes readable"));
+                return Err(BlobError::io("re-hashing", &path)(e));
+            }
+        }
+        let file = Arc::new(file);
+        let sync = BackgroundSync::new(file.clone(), len);
+        Ok(WriterState { path, file, hasher, len, sync, _guard: guard })
+    }
+
+    /// Hashes and writes chunks until the queue is closed and drained.
+    fn run(mut self, mut chunks: mpsc::Receiver<Vec<u8>>) -> Result<WriterState, BlobError> {
+        while let Some(data) = chunks.blocking_recv() {
+            if let Err(e) = (&*self.file).write_all(&data) {
+                // Cut a torn write back to the resume point, which the hash covers.
+                let _ = self.file.set_len(self.len);
+                return Err(BlobError::io("writing", &self.path)(e));
+            }
+            self.hasher.update(&data);
+            self.len += data.len() as u64;
+            self.sync.maybe_start(self.len);
+        }
+        Ok(self)
+    }
+
+    /// See [`PartialWriter::finish`].
+    fn finish(self, store: &BlobStore, hash: ContentHash, size: u64) -> Result<(), BlobError> {
+        let WriterState { path, file, hasher, len, sync, _guard } = self;
+        if let Err(e) = sync.wait() {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(BlobError::io("syncing (in the background)", &path)(e));
+        }
+        if len != size {
+            return Err(BlobError::Incomplete { hash, have: len, size });
+        }
+        let actual = ContentHash(hasher.finalize().into());
+        if actual != hash {
+            drop(file);
+            fs::remove_file(&path).map_err(BlobError::io("removing", &path))?;
+            return Err(BlobError::HashMismatch { expected: hash, actual });
+        }
+        if let Err(e) = file.sync_all() {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(BlobError::io("syncing", &path)(e));
+        }
+        drop(file);
+        store.install(&path, &hash)
+    }
+}
+
+/// At most one `fdatasync` of a partial file running on its own thread. Its error is
+/// kept for [`BackgroundSync::wait`]: the kernel reports a write-back error to one
+/// fsync of an open file only, so the final fsync might not see it again.
+#[derive(Debug)]
+struct BackgroundSync {
+    file: Arc<File>,
+    running: Option<std::thread::JoinHandle<io::Result<()>>>,
+    /// File length when the last sync started.
+    started_at: u64,
+    error: Option<io::Error>,
+}
+
+impl BackgroundSync {
+    fn new(file: Arc<File>, len: u64) -> BackgroundSync {
+        BackgroundSync { file, running: None, started_at: len, error: None }
+    }
+
+    /// Starts a sync if [`SYNC_EVERY`] bytes were written since the last one started
+    /// and it has ended.
+    fn maybe_start(&mut self, len: u64) {
+        if len - self.started_at < SYNC_EVERY || self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        self.reap();
+        let file = self.file.clone();
+        let spawned = std::thread::Builder::new().name("blob-sync".into()).spawn(move || file.sync_data());
+        // No thread to spare: skip this one; the final fsync covers everything.
+        if let Ok(handle) = spawned {
+            self.running = Some(handle);
+            self.started_at = len;
+        }
+    }
+
+    fn reap(&mut self) {
+        if let Some(handle) = self.running.take() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.error.get_or_insert(e);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    }
+
+    /// Waits for a running sync; the first error any of them met.
+    fn wait(mut self) -> io::Result<()> {
+        self.reap();
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
 /// SHA-256 of everything from the reader's position on, through a bounded buffer.
 fn hash_stream(reader: &mut impl Read) -> io::Result<ContentHash> {
     let mut hasher = Sha256::new();
@@ -368,6 +671,25 @@ fn hash_stream(reader: &mut impl Read) -> io::Result<ContentHash> {
         hasher.update(&buf[..n]);
     }
     Ok(ContentHash(hasher.finalize().into()))
+}
+
+/// Reads a range of the object at `path`; returns the object's size and the bytes.
+fn read_chunk_blocking(path: &Path, hash: ContentHash, offset: u64, len: u32) -> Result<(u64, Vec<u8>), BlobError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BlobError::NotFound { hash }),
+        Err(e) => return Err(BlobError::io("opening", path)(e)),
+    };
+    let size = file.metadata().map_err(BlobError::io("reading metadata of", path))?.len();
+    let in_range = offset < size || (offset == 0 && size == 0);
+    if !in_range || len == 0 {
+        return Err(BlobError::RangeOutOfBounds { hash, offset, len, size });
+    }
+    let n = u64::from(len.min(CHUNK_LEN_MAX)).min(size - offset) as usize;
+    let mut data = vec![0u8; n];
+    file.seek(SeekFrom::Start(offset)).map_err(BlobError::io("seeking in", path))?;
+    file.read_exact(&mut data).map_err(BlobError::io("reading", path))?;
+    Ok((size, data))
 }
 
 /// Makes a rename or creation inside `dir` durable.
@@ -569,6 +891,123 @@ mod tests {
         }
         store.finish(&hash, bytes.len() as u64).await.unwrap();
         assert!(store.inner.writers.locks.lock().unwrap().is_empty(), "locks are dropped with their last user");
+    }
+
+    /// Streams `bytes` into a writer in chunks of `chunk`.
+    async fn write_all(writer: &mut PartialWriter, bytes: &[u8], chunk: usize) {
+        for part in bytes.chunks(chunk) {
+            writer.append(writer.len(), part.to_vec()).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_writer_hashes_while_appending_and_installs_on_finish() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(3 * CHUNK_LEN_MAX as usize + 999);
+        let hash = ContentHash::of(&bytes);
+        let size = bytes.len() as u64;
+        let mut writer = store.partial_writer(&hash, size).await.unwrap();
+        assert_eq!((writer.resumed_at(), writer.len()), (0, 0));
+        writer.append(0, bytes[..1000].to_vec()).await.unwrap();
+        // A gap, an overlap or bytes past the end are refused, and nothing is queued.
+        for (offset, len) in [(999, 10), (1001, 10), (1000, bytes.len())] {
+            let err = writer.append(offset, vec![0; len]).await.unwrap_err();
+            assert!(matches!(err, BlobError::WrongOffset { expected: 1000, .. }), "{offset}+{len}: {err}");
+        }
+        write_all(&mut writer, &bytes[1000..], CHUNK_LEN_MAX as usize).await;
+        assert_eq!(writer.len(), size);
+        writer.finish().await.unwrap();
+        assert!(store.contains(&hash));
+        assert_eq!(std::fs::read(store.path_of(&hash)).unwrap(), bytes);
+        assert_eq!(store.partial_len(&hash).await, 0);
+        assert!(store.inner.writers.locks.lock().unwrap().is_empty(), "the write lock is released");
+
+        // An empty blob: no bytes at all.
+        let empty = ContentHash::of(b"");
+        store.partial_writer(&empty, 0).await.unwrap().finish().await.unwrap();
+        assert!(store.contains(&empty));
+    }
+
+    #[tokio::test]
+    async fn partial_writer_finish_refuses_short_or_wrong_content() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(100_000);
+        let hash = ContentHash::of(&bytes);
+        let mut writer = store.partial_writer(&hash, 100_000).await.unwrap();
+        write_all(&mut writer, &bytes[..60_000], 16_384).await;
+        let err = writer.finish().await.unwrap_err();
+        assert!(matches!(err, BlobError::Incomplete { have: 60_000, size: 100_000, .. }), "{err}");
+        assert_eq!(store.partial_len(&hash).await, 60_000, "a short blob is kept to resume");
+
+        let mut tampered = bytes.clone();
+        tampered[77_777] ^= 1;
+        let mut writer = store.partial_writer(&hash, 100_000).await.unwrap();
+        assert_eq!(writer.resumed_at(), 60_000);
+        write_all(&mut writer, &tampered[60_000..], 16_384).await;
+        match writer.finish().await.unwrap_err() {
+            BlobError::HashMismatch { expected, actual } => {
+                assert_eq!((expected, actual), (hash, ContentHash::of(&tampered)));
+            }
+            other => panic!("expected HashMismatch, got {other}"),
+        }
+        assert!(!store.contains(&hash));
+        assert_eq!(store.partial_len(&hash).await, 0, "bad bytes are deleted");
+    }
+
+    #[tokio::test]
+    async fn partial_writer_resume_rehashes_the_prefix_on_disk() {
+        let (dir, store) = store();
+        let bytes = random_bytes(2 * COPY_BUF_LEN + 12_345);
+        let hash = ContentHash::of(&bytes);
+        let size = bytes.len() as u64;
+        let half = bytes.len() / 2;
+
+        // A first writer is dropped mid-way (a cancelled transfer): its queued chunks
+        // still reach the disk before the blob can be opened again.
+        let mut writer = store.partial_writer(&hash, size).await.unwrap();
+        write_all(&mut writer, &bytes[..half], 100_000).await;
+        drop(writer);
+        let writer = store.partial_writer(&hash, size).await.unwrap();
+        assert_eq!(writer.resumed_at(), half as u64);
+        writer.close().await.unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+
+        // Resumed by a new process: the running hash covers the prefix read back.
+        let mut writer = store.partial_writer(&hash, size).await.unwrap();
+        write_all(&mut writer, &bytes[half..], 100_000).await;
+        writer.finish().await.unwrap();
+        assert_eq!(std::fs::read(store.path_of(&hash)).unwrap(), bytes);
+
+        // The same, but a byte of the prefix changed on disk while nobody wrote.
+        let (_dir, store) = self::store();
+        let mut writer = store.partial_writer(&hash, size).await.unwrap();
+        write_all(&mut writer, &bytes[..half], 100_000).await;
+        writer.close().await.unwrap();
+        let partial = store.partial_path(&hash);
+        let mut on_disk = std::fs::read(&partial).unwrap();
+        on_disk[123] ^= 0x80;
+        std::fs::write(&partial, &on_disk).unwrap();
+        let mut writer = store.partial_writer(&hash, size).await.unwrap();
+        write_all(&mut writer, &bytes[half..], 100_000).await;
+        let err = writer.finish().await.unwrap_err();
+        assert!(matches!(err, BlobError::HashMismatch { expected, .. } if expected == hash), "{err}");
+        assert!(!store.contains(&hash) && !store.path_of(&hash).exists());
+
+        // A partial longer than the blob cannot be its prefix: it is emptied.
+        std::fs::write(&partial, vec![0u8; bytes.len() + 1]).unwrap();
+        let writer = store.partial_writer(&hash, size).await.unwrap();
+        assert_eq!(writer.resumed_at(), 0);
+    }
+
+    #[tokio::test]
+    async fn partial_writer_syncs_in_the_background_on_large_blobs() {
+        let (_dir, store) = store();
+        let bytes = random_bytes(2 * SYNC_EVERY as usize + 1);
+        let hash = ContentHash::of(&bytes);
+        let mut writer = store.partial_writer(&hash, bytes.len() as u64).await.unwrap();
+        write_all(&mut writer, &bytes, CHUNK_LEN_MAX as usize).await;
+        writer.finish().await.unwrap();
+        assert_eq!(ContentHash::of(&std::fs::read(store.path_of(&hash)).unwrap()), hash);
     }
 
     #[test]

@@ -54,6 +54,36 @@ pub struct TlsConfig {
     pub crls: Vec<PathBuf>,
 }
 
+/// The DICOM C-STORE receiver for devices on the clinic's network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomConfig {
+    /// Our (called) AE title.
+    pub ae_title: String,
+    pub listen: SocketAddr,
+    /// Calling AE titles allowed to send (empty: nobody; `"*"`: anyone).
+    pub allowed_callers: Vec<String>,
+    #[serde(default = "default_max_instance_bytes")]
+    pub max_instance_bytes: u64,
+}
+
+fn default_max_instance_bytes() -> u64 {
+    2 * 1024 * 1024 * 1024
+}
+
+/// A folder watched for DICOM files dropped by devices or people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxConfig {
+    pub dir: PathBuf,
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    2_000
+}
+
 /// Everything in `node.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,9 +106,16 @@ pub struct Config {
     /// `host:port` for the Prometheus metrics endpoint; none if absent.
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
-    /// Cap on attachment download rate, bytes per second (weak links).
+    /// Cap on attachment transfer rate in bytes per second (weak links): applies to
+    /// what this node fetches and, shared across all links, to what it serves.
     #[serde(default)]
     pub rate_limit_bytes_per_s: Option<u64>,
+    /// DICOM devices push studies here (optional).
+    #[serde(default)]
+    pub dicom: Option<DicomConfig>,
+    /// A watched inbox folder (optional).
+    #[serde(default)]
+    pub inbox: Option<InboxConfig>,
 }
 
 /// A configuration that cannot be used, with what and why.
@@ -138,6 +175,9 @@ impl Config {
         fix(&mut self.tls.chain);
         fix(&mut self.tls.key);
         self.tls.crls.iter_mut().for_each(fix);
+        if let Some(inbox) = &mut self.inbox {
+            fix(&mut inbox.dir);
+        }
     }
 
     /// Checks what the types cannot: parents above this tier, sane numbers.

@@ -21,6 +21,7 @@ pub enum Request {
     Submit(SubmitRequest),
     Status,
     Show { case_id: String },
+    Studies,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +30,7 @@ pub enum Response {
     Submitted { case_id: String },
     Status(StatusReport),
     Case(Box<CaseView>),
+    Studies(Vec<crate::ingest::StudySummary>),
     Error { message: String },
 }
 
@@ -64,6 +66,11 @@ async fn answer(sock: UnixStream, handle: ControlHandle) -> std::io::Result<()> 
             Err(e) => Response::Error { message: format!("bad request: {e}") },
             Ok(Request::Submit(req)) => match handle.submit(req).await {
                 Ok(Ok(id)) => Response::Submitted { case_id: id.to_string() },
+                Ok(Err(message)) => Response::Error { message },
+                Err(e) => Response::Error { message: e.to_string() },
+            },
+            Ok(Request::Studies) => match handle.studies().await {
+                Ok(Ok(list)) => Response::Studies(list),
                 Ok(Err(message)) => Response::Error { message },
                 Err(e) => Response::Error { message: e.to_string() },
             },

@@ -61,7 +61,12 @@ pub enum DaemonError {
 /// A case as a client submits it: files on this machine plus what they are.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubmitRequest {
+    /// Files on this machine; may be empty when `study` names a received study.
+    #[serde(default)]
     pub files: Vec<PathBuf>,
+    /// A study received from a device (C-STORE or inbox), by StudyInstanceUID.
+    #[serde(default)]
+    pub study: Option<String>,
     pub modality: federation_proto::Modality,
     pub urgency: federation_proto::Urgency,
     pub question: String,
@@ -139,6 +144,7 @@ enum Input {
     Submit(SubmitRequest, oneshot::Sender<Result<CaseId, String>>),
     Status(oneshot::Sender<StatusReport>),
     Show(CaseId, oneshot::Sender<Option<CaseView>>),
+    Studies(oneshot::Sender<Result<Vec<crate::ingest::StudySummary>, String>>),
     ExpertClaim { case_id: CaseId, expert: String },
     ExpertSign { case_id: CaseId, expert: String },
     Shutdown,
@@ -149,31 +155,24 @@ pub struct Running {
     pub name: NodeName,
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
-    tx: mpsc::Sender<Input>,
+    control: ControlHandle,
     task: tokio::task::JoinHandle<Result<(), DaemonError>>,
     /// Accept loop, parent dialers, metrics server: stopped on shutdown.
     background: Vec<tokio::task::JoinHandle<()>>,
     endpoint: quinn::Endpoint,
 }
 
-impl Running {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Result<T, DaemonError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| DaemonError::Stopped)?;
-        rx.await.map_err(|_| DaemonError::Stopped)
+impl std::ops::Deref for Running {
+    type Target = ControlHandle;
+    /// Submit, status and show are the control handle's.
+    fn deref(&self) -> &ControlHandle {
+        &self.control
     }
+}
 
-    pub async fn submit(&self, req: SubmitRequest) -> Result<Result<CaseId, String>, DaemonError> {
-        self.ask(|tx| Input::Submit(req, tx)).await
-    }
-    pub async fn status(&self) -> Result<StatusReport, DaemonError> {
-        self.ask(Input::Status).await
-    }
-    pub async fn show(&self, id: CaseId) -> Result<Option<CaseView>, DaemonError> {
-        self.ask(|tx| Input::Show(id, tx)).await
-    }
+impl Running {
     pub fn sender(&self) -> ControlHandle {
-        ControlHandle { tx: self.tx.clone() }
+        self.control.clone()
     }
 
     /// Stops accepting work, closes links and waits for the core task.
@@ -181,7 +180,7 @@ impl Running {
         for task in &self.background {
             task.abort();
         }
-        let _ = self.tx.send(Input::Shutdown).await;
+        self.control.shutdown().await;
         let result = self.task.await.unwrap_or(Err(DaemonError::Stopped));
         self.endpoint.close(0u32.into(), b"shutdown");
         result
@@ -219,6 +218,10 @@ impl ControlHandle {
     pub async fn show(&self, id: CaseId) -> Result<Option<CaseView>, DaemonError> {
         self.ask(|tx| Input::Show(id, tx)).await
     }
+    /// Studies received from devices and not yet submitted.
+    pub async fn studies(&self) -> Result<Result<Vec<crate::ingest::StudySummary>, String>, DaemonError> {
+        self.ask(Input::Studies).await
+    }
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Input::Shutdown).await;
     }
@@ -232,6 +235,7 @@ struct Core {
     core: Node,
     store: SqliteStore,
     blobs: BlobStore,
+    studies: crate::ingest::StudyStore,
     links: BTreeMap<NodeName, Link>,
     live: LiveLinks,
     authorized: Authorized,
@@ -239,6 +243,9 @@ struct Core {
     tx: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     limits: TransferLimits,
+    /// The rate cap on what this node serves to peers (a village's uplink), shared
+    /// by every link.
+    upload_pacer: Option<Arc<transfer::Pacer>>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -271,6 +278,13 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         .map_err(|e| DaemonError::Config(format!("{}: {e}", config.data_dir.display())))?;
     let store = SqliteStore::open(&config.db_path(), signing_key.clone()).await?;
     let blobs = BlobStore::open(&config.blob_dir())?;
+    let studies = crate::ingest::StudyStore::open(&config.data_dir)
+        .map_err(|e| DaemonError::Config(format!("study store in {}: {e}", config.data_dir.display())))?;
+    if let Ok(n) = studies.clean_incoming()
+        && n > 0
+    {
+        tracing::info!(removed = n, "removed partial DICOM instances left by a crash");
+    }
 
     let mut node_config = NodeConfig::new(config.node_name(), config.tier);
     node_config.upstream = config
@@ -322,6 +336,27 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         let (endpoint, trust, tx, claim) = (endpoint.clone(), trust.clone(), tx.clone(), claim.clone());
         background.push(tokio::spawn(dial_parent(endpoint, parent, claim, trust, tx)));
     }
+    // Devices: DICOM C-STORE receiver and inbox folder.
+    if let Some(d) = &config.dicom {
+        let settings = crate::ingest::ScpSettings {
+            ae_title: d.ae_title.clone(),
+            listen: d.listen,
+            allowed_callers: d.allowed_callers.clone(),
+            max_instance_bytes: d.max_instance_bytes,
+        };
+        let (scp_addr, task) = crate::ingest::serve_scp(settings, studies.clone())
+            .await
+            .map_err(|e| DaemonError::Config(format!("DICOM receiver on {}: {e}", d.listen)))?;
+        tracing::info!(ae_title = %d.ae_title, addr = %scp_addr, "DICOM C-STORE receiver listening");
+        background.push(task);
+    }
+    if let Some(inbox) = &config.inbox {
+        std::fs::create_dir_all(&inbox.dir)
+            .map_err(|e| DaemonError::Config(format!("inbox {}: {e}", inbox.dir.display())))?;
+        background.push(
+            crate::ingest::watch_inbox(inbox.dir.clone(), studies.clone(), Duration::from_millis(inbox.poll_ms)).await,
+        );
+    }
     // Metrics.
     if let Some(metrics_addr) = config.metrics {
         let (m, name) = (metrics.clone(), config.name.clone());
@@ -343,6 +378,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         core,
         store,
         blobs,
+        studies,
         links: BTreeMap::new(),
         live: LiveLinks::default(),
         authorized,
@@ -350,9 +386,10 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         tx: tx.clone(),
         metrics: metrics.clone(),
         limits,
+        upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
     };
     let task = tokio::spawn(state.run(rx));
-    Ok(Running { name: config.node_name(), addr, metrics, tx, task, background, endpoint })
+    Ok(Running { name: config.node_name(), addr, metrics, control: ControlHandle { tx }, task, background, endpoint })
 }
 
 async fn dial_parent(
@@ -419,7 +456,13 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>,
 
 /// Reads the streams a peer opens on a link: chunk requests are served here (for
 /// attachments of cases offered to that peer only), everything else goes to the core.
-async fn serve_link(link: Link, tx: mpsc::Sender<Input>, blobs: BlobStore, authorized: Authorized) {
+async fn serve_link(
+    link: Link,
+    tx: mpsc::Sender<Input>,
+    blobs: BlobStore,
+    authorized: Authorized,
+    pacer: Option<Arc<transfer::Pacer>>,
+) {
     let peer = link.peer.name.clone();
     let conn = link.connection.clone();
     loop {
@@ -427,7 +470,8 @@ async fn serve_link(link: Link, tx: mpsc::Sender<Input>, blobs: BlobStore, autho
             Ok(streams) => streams,
             Err(_) => break,
         };
-        let (tx, blobs, authorized, peer) = (tx.clone(), blobs.clone(), authorized.clone(), peer.clone());
+        let (tx, blobs, authorized, peer, pacer) =
+            (tx.clone(), blobs.clone(), authorized.clone(), peer.clone(), pacer.clone());
         tokio::spawn(async move {
             let frame = match tokio::time::timeout(FRAME_READ_TIMEOUT, transport::read_frame(&mut recv)).await {
                 Ok(frame) => frame,
@@ -445,7 +489,7 @@ async fn serve_link(link: Link, tx: mpsc::Sender<Input>, blobs: BlobStore, autho
                         .get(&peer)
                         .is_some_and(|s| s.contains(&req.hash));
                     if allowed {
-                        if let Err(e) = transfer::serve_chunk(&blobs, &req, &mut send).await {
+                        if let Err(e) = transfer::serve_chunk(&blobs, &req, &mut send, pacer.as_deref()).await {
                             tracing::warn!(%peer, "chunk request refused: {e}");
                         }
                     } else {
@@ -553,7 +597,13 @@ impl Core {
                         &format!("{} {}", peer.tier, link.peer.peer_id),
                     )
                     .await;
-                tokio::spawn(serve_link(link, self.tx.clone(), self.blobs.clone(), self.authorized.clone()));
+                tokio::spawn(serve_link(
+                    link,
+                    self.tx.clone(),
+                    self.blobs.clone(),
+                    self.authorized.clone(),
+                    self.upload_pacer.clone(),
+                ));
                 if let Err(e) = self.core.handle_peer_up(t, peer) {
                     tracing::warn!("{e}");
                 }
@@ -596,6 +646,9 @@ impl Core {
             Input::Show(id, reply) => {
                 let _ = reply.send(self.core.case(&id).map(CaseView::of));
             }
+            Input::Studies(reply) => {
+                let _ = reply.send(self.studies.list().map_err(|e| e.to_string()));
+            }
             Input::ExpertClaim { case_id, expert } => {
                 if self.core.handle_claim(t, case_id, &expert).is_ok()
                     && let Some(sim) = &self.config.simulated_experts
@@ -622,11 +675,15 @@ impl Core {
     }
 
     async fn submit(&mut self, t: federation_proto::Millis, req: SubmitRequest) -> Result<CaseId, String> {
-        if req.files.is_empty() {
-            return Err("a case needs at least one file".into());
+        let mut files = req.files.clone();
+        if let Some(study) = &req.study {
+            files.extend(self.studies.files(study).map_err(|e| format!("study {study}: {e}"))?);
+        }
+        if files.is_empty() {
+            return Err("a case needs at least one file (or a received study)".into());
         }
         let mut attachments = Vec::new();
-        for path in &req.files {
+        for path in &files {
             let (hash, size) = self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
             let mut head = vec![0u8; 132];
             let n = {
@@ -653,6 +710,12 @@ impl Core {
         };
         let id = self.core.handle_submit(t, new).map_err(|e| e.to_string())?;
         self.metrics.cases_submitted.fetch_add(1, Ordering::Relaxed);
+        if let Some(study) = &req.study {
+            // The instances are in the blob store now, owned by the case.
+            if let Err(e) = self.studies.remove(study) {
+                tracing::warn!(%study, "submitted, but the received study could not be removed: {e}");
+            }
+        }
         Ok(id)
     }
 

@@ -278,6 +278,8 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             }),
             metrics: None,
             rate_limit_bytes_per_s: None,
+            dicom: None,
+            inbox: None,
         });
     }
     Ok(configs)
@@ -325,6 +327,7 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
     for (k, &vi) in villages.iter().enumerate() {
         let (file, modality, urgency, question) = samples[k % samples.len()];
         let req = SubmitRequest {
+            study: None,
             files: vec![data.join(file)],
             modality,
             urgency,

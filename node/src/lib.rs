@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod ingest;
 pub mod loadgen;
 pub mod store;
 pub mod transfer;

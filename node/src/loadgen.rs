@@ -28,6 +28,10 @@ pub struct PlayedChild {
     parent: NodeName,
     blobs: Arc<Mutex<BTreeMap<ContentHash, Arc<Vec<u8>>>>>,
     waiters: Waiters,
+    /// Every message the node sent us other than chunk traffic, in arrival order
+    /// (dropped when nobody reads and the queue is full).
+    pub answers: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Message>>,
+    answers_tx: tokio::sync::mpsc::Sender<Message>,
     _endpoint: quinn::Endpoint,
 }
 
@@ -50,6 +54,7 @@ impl PlayedChild {
         )?;
         let claim = NodeClaim { name: name.clone(), tier, public_key: creds.public_key };
         let link = transport::connect(&endpoint, addr, &parent, &claim, &trust).await?;
+        let (answers_tx, answers) = tokio::sync::mpsc::channel(256);
         let child = PlayedChild {
             name,
             tier,
@@ -58,6 +63,8 @@ impl PlayedChild {
             parent,
             blobs: Arc::default(),
             waiters: Arc::default(),
+            answers: tokio::sync::Mutex::new(answers),
+            answers_tx,
             _endpoint: endpoint,
         };
         child.serve();
@@ -66,9 +73,10 @@ impl PlayedChild {
 
     fn serve(&self) {
         let (conn, blobs, waiters) = (self.link.connection.clone(), self.blobs.clone(), self.waiters.clone());
+        let answers = self.answers_tx.clone();
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let (blobs, waiters) = (blobs.clone(), waiters.clone());
+                let (blobs, waiters, answers) = (blobs.clone(), waiters.clone(), answers.clone());
                 tokio::spawn(async move {
                     let Ok(msg) = transport::read_frame(&mut recv).await else { return };
                     match msg {
@@ -96,8 +104,11 @@ impl PlayedChild {
                             {
                                 let _ = tx.send(Instant::now());
                             }
+                            let _ = answers.try_send(Message::CustodyReceipt(env));
                         }
-                        _ => {}
+                        other => {
+                            let _ = answers.try_send(other);
+                        }
                     }
                 });
             }
@@ -161,6 +172,16 @@ impl PlayedChild {
         transport::write_frame(&mut s, msg).await?;
         let _ = s.finish();
         Ok(())
+    }
+
+    /// The next message the node sent us (not chunk traffic), waiting at most `timeout`.
+    pub async fn next_answer(&self, timeout: Duration) -> Option<Message> {
+        tokio::time::timeout(timeout, self.answers.lock().await.recv()).await.ok().flatten()
+    }
+
+    /// The key this child signs with.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// Offers a case and waits for its custody receipt; returns the time it took.

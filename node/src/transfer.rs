@@ -10,18 +10,26 @@
 //! Two hash checks guard the store:
 //! - per chunk: a `ChunkResponse` whose `chunk_hash` is not the SHA-256 of its data,
 //!   or that is not exactly the range asked for, is never appended;
-//! - per file: [`BlobStore::finish`] hashes the whole received file, and a file that
-//!   does not match the attachment's hash is deleted, never becomes an object.
+//! - per file: a [`PartialWriter`] keeps the SHA-256 of the whole partial file while
+//!   appending (re-hashing the bytes already on disk once when a transfer resumes),
+//!   and a file that does not match the attachment's hash is deleted, never becomes
+//!   an object.
+//!
+//! Received chunks are hashed and written on a blocking thread while the next ones
+//! arrive; partial files are synced in the background, not per chunk, and an object
+//! is installed only once its data is fsynced (see [`crate::blobs`] for what a crash
+//! leaves behind).
 //!
 //! Memory is bounded by `chunks_in_flight` chunks (each at most
-//! [`CHUNK_LEN_MAX`], plus its frame while decoding), whatever the attachment size.
+//! [`CHUNK_LEN_MAX`], plus its frame while decoding) plus the writer's queue of
+//! [`crate::blobs::WRITE_QUEUE_DEPTH`] chunks, whatever the attachment size.
 //!
 //! Authorization is the caller's job and must never be done here: the daemon calls
 //! [`serve_chunk`] only for attachments of cases it offered to that peer, and
 //! [`fetch`] only for attachments of cases the peer offered to it. This module
 //! never interprets cases: it moves verified bytes.
 
-use crate::blobs::{BlobError, BlobStore};
+use crate::blobs::{BlobError, BlobStore, PartialWriter};
 use crate::transport::{self, TransportError};
 use federation_proto::codec::CHUNK_LEN_MAX;
 use federation_proto::{AttachmentRef, CaseId, ChunkRequest, ChunkResponse, ContentHash, Message, Reject, RejectCode};
@@ -198,14 +206,39 @@ pub async fn fetch(
     if blobs.contains(&hash) {
         return Ok(());
     }
-    let mut received = blobs.partial_len(&hash).await;
-    if received > size {
-        tracing::warn!(%hash, received, size, "partial blob longer than the attachment; starting over");
+    if blobs.partial_len(&hash).await > size {
+        tracing::warn!(%hash, size, "partial blob longer than the attachment; starting over");
         blobs.discard_partial(&hash).await?;
-        received = 0;
     }
-    let resumed_at = received;
+    let mut writer = blobs.partial_writer(&hash, size).await?;
+    let resumed_at = writer.resumed_at();
+    match receive(conn, &mut writer, case_id, size, limits).await {
+        Ok(()) => writer.finish().await?,
+        Err(e) => {
+            // Keep what was checked and queued as the resume point. A disk error
+            // here is secondary to the one that stopped the transfer.
+            if let Err(close) = writer.close().await {
+                tracing::warn!(%hash, "closing the partial blob after a failed transfer: {close}");
+            }
+            return Err(e);
+        }
+    }
+    tracing::debug!(%hash, size, resumed_at, "attachment received and verified");
+    Ok(())
+}
+
+/// Pipelines chunk requests from the writer's resume point to `size` and queues each
+/// checked chunk, in order, to `writer`.
+async fn receive(
+    conn: &Connection,
+    writer: &mut PartialWriter,
+    case_id: CaseId,
+    size: u64,
+    limits: &TransferLimits,
+) -> Result<(), TransferError> {
+    let hash = writer.hash();
     let pacer = limits.bytes_per_s.map(Pacer::new);
+    let mut received = writer.len();
     let mut requested = received;
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(limits.chunks_in_flight);
     while received < size {
@@ -225,13 +258,12 @@ pub async fn fetch(
             Ok(Err(join)) => return Err(TransferError::ConnectionLost { hash, detail: join.to_string() }),
             Ok(Ok(result)) => result?,
         };
-        debug_assert!(received + data.len() as u64 <= size);
-        blobs.append_chunk(&hash, received, &data).await?;
-        received += data.len() as u64;
+        let n = data.len() as u64;
+        debug_assert!(received + n <= size);
+        writer.append(received, data).await?;
+        received += n;
     }
     debug_assert!(in_flight.is_empty());
-    blobs.finish(&hash, size).await?;
-    tracing::debug!(%hash, size, resumed_at, "attachment received and verified");
     Ok(())
 }
 
@@ -328,34 +360,36 @@ async fn hash_off_thread(data: Vec<u8>) -> (Vec<u8>, ContentHash) {
 /// range. A refusal is returned as [`TransferError::RequestRefused`] after the peer
 /// was told.
 ///
+/// With a `pacer` (shared by everything this node uploads over a capped link), the
+/// chunk's bytes are paid for before they are sent, so the answers to any number of
+/// requests leave no faster than its rate. Refusals are not paced.
+///
 /// The caller must already have checked that this peer may read this blob.
-pub async fn serve_chunk(blobs: &BlobStore, req: &ChunkRequest, send: &mut SendStream) -> Result<(), TransferError> {
+pub async fn serve_chunk(
+    blobs: &BlobStore,
+    req: &ChunkRequest,
+    send: &mut SendStream,
+    pacer: Option<&Pacer>,
+) -> Result<(), TransferError> {
     let hash = req.hash;
-    let result = async {
-        let size = match blobs.object_len(&hash).await {
-            Ok(size) => size,
-            Err(BlobError::NotFound { .. }) => {
-                return Ok(Err((RejectCode::UnknownCase, format!("no attachment {hash:?} here"))));
-            }
-            Err(e) => return Err(e),
-        };
-        if req.len == 0 {
-            return Ok(Err((RejectCode::Malformed, "empty range requested".to_owned())));
+    let result = match blobs.read_chunk_hashed(&hash, req.offset, req.len).await {
+        Ok(chunk) => Ok(Ok(chunk)),
+        Err(BlobError::NotFound { .. }) => Ok(Err((RejectCode::UnknownCase, format!("no attachment {hash:?} here")))),
+        Err(BlobError::RangeOutOfBounds { .. }) if req.len == 0 => {
+            Ok(Err((RejectCode::Malformed, "empty range requested".to_owned())))
         }
-        match blobs.read_chunk(&hash, req.offset, req.len).await {
-            Ok(data) => Ok(Ok((size, data))),
-            Err(BlobError::RangeOutOfBounds { offset, len, size, .. }) => Ok(Err((
-                RejectCode::RangeOutOfBounds,
-                format!("range {offset}+{len} lies outside the {size}-byte attachment"),
-            ))),
-            Err(e) => Err(e),
-        }
-    }
-    .await;
+        Err(BlobError::RangeOutOfBounds { offset, len, size, .. }) => Ok(Err((
+            RejectCode::RangeOutOfBounds,
+            format!("range {offset}+{len} lies outside the {size}-byte attachment"),
+        ))),
+        Err(e) => Err(e),
+    };
     let lost = |e: TransportError| TransferError::ConnectionLost { hash, detail: e.to_string() };
     match result {
-        Ok(Ok((total_size, data))) => {
-            let (data, chunk_hash) = hash_off_thread(data).await;
+        Ok(Ok((total_size, data, chunk_hash))) => {
+            if let Some(pacer) = pacer {
+                pacer.pace(data.len() as u64).await;
+            }
             let resp = ChunkResponse { hash, offset: req.offset, total_size, chunk_hash, data };
             transport::write_frame(send, &Message::ChunkResponse(resp)).await.map_err(lost)?;
             let _ = send.finish();
@@ -470,6 +504,8 @@ mod tests {
             hash: ContentHash,
             chunk_len: u64,
         },
+        /// Honest, but every chunk sent is paid for to this shared pacer first.
+        Paced(Pacer),
     }
 
     struct Server {
@@ -553,7 +589,8 @@ mod tests {
                 conn.close(0u32.into(), b"dropped by the test");
                 Ok(false)
             }
-            _ => serve_chunk(blobs, req, send).await.map(|()| true),
+            Behaviour::Paced(pacer) => serve_chunk(blobs, req, send, Some(pacer)).await.map(|()| true),
+            _ => serve_chunk(blobs, req, send, None).await.map(|()| true),
         }
     }
 
@@ -862,6 +899,79 @@ mod tests {
         let err = fetch(&conn, &village, CASE, &wrong, &TransferLimits::default()).await.unwrap_err();
         assert!(matches!(err, TransferError::WrongSize { expected: 999, announced: 1000, .. }), "{err}");
         assert_eq!(village.partial_len(&att.hash).await, 0);
+    }
+
+    #[tokio::test]
+    async fn resume_rehashes_the_prefix_on_disk_and_catches_a_chunk_tampered_there() {
+        let fed = federation();
+        let chunk = 64 * KIB;
+        let total_chunks = 20;
+        let (_c, county, bytes, att) = county_with(total_chunks * chunk, Priority::Bulk).await;
+        let (v, village) = store();
+        let flaky = serve(
+            &fed,
+            &county,
+            Behaviour::DropAfter { chunks: 5, client: village.clone(), hash: att.hash, chunk_len: chunk as u64 },
+        );
+        let conn = connect(&fed, flaky.addr).await;
+        let err = fetch(&conn, &village, CASE, &att, &limits(chunk)).await.unwrap_err();
+        assert!(err.is_resumable(), "{err}");
+        assert_eq!(village.partial_len(&att.hash).await, 5 * chunk as u64);
+
+        // While the node is down, a checked chunk already on disk is damaged.
+        let partial = village.partial_path(&att.hash);
+        let mut on_disk = std::fs::read(&partial).unwrap();
+        on_disk[2 * chunk + 100] ^= 0x40;
+        std::fs::write(&partial, &on_disk).unwrap();
+
+        // The restarted node resumes at chunk 5 (the damaged prefix is not fetched
+        // again), but its running hash starts from the bytes on disk.
+        let village = BlobStore::open(v.path()).unwrap();
+        let honest = serve(&fed, &county, Behaviour::Honest);
+        let conn = connect(&fed, honest.addr).await;
+        let err = fetch(&conn, &village, CASE, &att, &limits(chunk)).await.unwrap_err();
+        let mut tampered = on_disk.clone();
+        tampered.extend_from_slice(&bytes[5 * chunk..]);
+        assert!(
+            matches!(err, TransferError::FileHashMismatch { hash, actual }
+                if hash == att.hash && actual == ContentHash::of(&tampered)),
+            "{err}"
+        );
+        assert_eq!(honest.requests.lock().unwrap()[0].offset, 5 * chunk as u64);
+        assert!(!village.contains(&att.hash));
+        assert!(!village.path_of(&att.hash).exists());
+        assert_eq!(village.partial_len(&att.hash).await, 0, "the damaged bytes are deleted");
+
+        // The next try starts over and completes.
+        fetch(&conn, &village, CASE, &att, &limits(chunk)).await.unwrap();
+        assert_eq!(std::fs::read(village.path_of(&att.hash)).unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn serve_side_pacer_caps_everything_it_uploads() {
+        let fed = federation();
+        let (_c, county, _bytes, first) = county_with(512 * KIB, Priority::Bulk).await;
+        let (hash, size_bytes) = county.import_bytes(&random_bytes(512 * KIB)).await.unwrap();
+        let second = AttachmentRef { hash, size_bytes, ..first.clone() };
+        let bytes_per_s = 4 * MIB as u64;
+        let server = serve(&fed, &county, Behaviour::Paced(Pacer::new(bytes_per_s)));
+        // Two villages on two links, fetching at once with no cap of their own.
+        let (conn_a, conn_b) = (connect(&fed, server.addr).await, connect(&fed, server.addr).await);
+        let ((_va, village_a), (_vb, village_b)) = (store(), store());
+        let fast = TransferLimits { chunk_len: 64 * KIB as u32, chunks_in_flight: 8, bytes_per_s: None };
+
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(
+            fetch(&conn_a, &village_a, CASE, &first, &fast),
+            fetch(&conn_b, &village_b, CASE, &second, &fast)
+        );
+        let took = started.elapsed();
+        a.unwrap();
+        b.unwrap();
+        assert!(village_a.contains(&first.hash) && village_b.contains(&second.hash));
+        // Bytes are paid for before they are sent: 1 MiB at 4 MiB/s, shared.
+        let floor = Duration::from_secs_f64((first.size_bytes + second.size_bytes) as f64 / bytes_per_s as f64);
+        assert!(took >= floor.mul_f64(0.95), "took {took:?}, the shared cap allows no less than {floor:?}");
     }
 
     #[tokio::test]

@@ -600,6 +600,7 @@ mod federation_processes {
         let mut ids = Vec::new();
         for (file, urgency) in [(&big, federation_proto::Urgency::Routine), (&ct, federation_proto::Urgency::Urgent)] {
             let req = node::daemon::SubmitRequest {
+                study: None,
                 files: vec![file.clone()],
                 modality: Modality::Imaging,
                 urgency,
@@ -701,30 +702,19 @@ mod federation_processes {
 
 mod bad_peer_input {
     use super::{init_logs, logged};
-    use certs::FederationVerifier;
     use certs::keys::NodeCredentials;
     use certs::verify::TrustStore;
-    use ed25519_dalek::SigningKey;
-    use ed25519_dalek::pkcs8::DecodePrivateKey;
     use federation_proto::*;
     use node::demo::{PlannedNode, provision};
-    use node::transport;
+    use node::loadgen::PlayedChild;
     use std::sync::Arc;
     use std::time::Duration;
 
     const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
     const VILLAGE: &str = "v1.gaocheng.dengfeng.zhengzhou.henan.cn";
 
-    struct Child {
-        link: transport::Link,
-        key: SigningKey,
-        /// Answers from the node: every frame it sent us on streams it opened.
-        answers: tokio::sync::mpsc::Receiver<Message>,
-    }
-
     /// Starts a county node in-process and links a village (played by the test) to it.
-    /// The village serves attachment chunks from `blobs` (hash → bytes).
-    async fn setup(dir: &std::path::Path, blobs: Vec<Vec<u8>>) -> (node::daemon::Running, Child) {
+    async fn setup(dir: &std::path::Path) -> (node::daemon::Running, PlayedChild) {
         let plan = vec![
             PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![(Modality::Ecg, 1)] },
             PlannedNode { name: VILLAGE.into(), tier: Tier::Village, parent: Some(COUNTY.into()), experts: vec![] },
@@ -735,122 +725,43 @@ mod bad_peer_input {
         let county = node::daemon::start(county_config).await.unwrap();
         let v = &configs[1];
         let creds = NodeCredentials::load(&v.tls.chain, &v.tls.key).unwrap();
-        let key = SigningKey::from_pkcs8_der(creds.key.secret_der()).unwrap();
         let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&v.tls.root).unwrap()).unwrap());
-        let ep = transport::endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &creds,
-            Arc::new(FederationVerifier::new(trust.clone())),
-        )
-        .unwrap();
-        let claim = NodeClaim { name: VILLAGE.into(), tier: Tier::Village, public_key: creds.public_key };
-        let link = transport::connect(&ep, county.addr, &COUNTY.into(), &claim, &trust).await.unwrap();
-        let (tx, answers) = tokio::sync::mpsc::channel(64);
-        let conn = link.connection.clone();
-        tokio::spawn(async move {
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let Ok(msg) = transport::read_frame(&mut recv).await else { continue };
-                if let Message::ChunkRequest(req) = &msg {
-                    if let Some(data) = blobs.iter().find(|b| ContentHash::of(b) == req.hash) {
-                        let start = req.offset as usize;
-                        let end = (start + req.len as usize).min(data.len());
-                        let chunk = data[start..end].to_vec();
-                        let resp = ChunkResponse {
-                            hash: req.hash,
-                            offset: req.offset,
-                            total_size: data.len() as u64,
-                            chunk_hash: ContentHash::of(&chunk),
-                            data: chunk,
-                        };
-                        let _ = transport::write_frame(&mut send, &Message::ChunkResponse(resp)).await;
-                        let _ = send.finish();
-                    }
-                    continue;
-                }
-                let _ = tx.send(msg).await;
-            }
-        });
-        // Keep the endpoint alive with the link.
-        std::mem::forget(ep);
-        (county, Child { link, key, answers })
+        let child = PlayedChild::connect(&creds, VILLAGE.into(), Tier::Village, trust, COUNTY.into(), county.addr)
+            .await
+            .unwrap();
+        (county, child)
     }
 
-    fn offer(key: &SigningKey, case_id: CaseId, data: &[u8]) -> CaseOffer {
-        let now = node::view::now();
-        let manifest = CaseManifest {
-            case_id,
-            origin: VILLAGE.into(),
-            origin_tier: Tier::Village,
-            modality: Modality::Ecg,
-            task: "ecg.rhythm".into(),
-            urgency: Urgency::Urgent,
-            clinical_question: "q".into(),
-            patient: PatientRef { pseudonym: "p".into(), sex: None, age_years: None },
-            created_at: now,
-            deadline_at: now.saturating_add(3_600_000),
-            attachments: vec![AttachmentRef {
-                hash: ContentHash::of(data),
-                size_bytes: data.len() as u64,
-                media_type: "application/dicom".into(),
-                name: "ecg.dcm".into(),
-                priority: Priority::Urgent,
-            }],
-        };
-        let hop = HopRecord {
-            case_id,
-            from: VILLAGE.into(),
-            from_tier: Tier::Village,
-            to: COUNTY.into(),
-            to_tier: Tier::County,
-            arrived_at: now,
-            left_at: now,
-            skipped: vec![],
-            reason: EscalationReason::NoLocalCapacity,
-        };
-        CaseOffer {
-            manifest: SignedEnvelope::sign(key, content_type::MANIFEST, &manifest).unwrap(),
-            trail: vec![SignedEnvelope::sign(key, content_type::HOP, &hop).unwrap()],
-            findings: vec![],
-        }
-    }
-
-    async fn send(link: &transport::Link, msg: &Message) {
-        let (mut s, _r) = link.connection.open_bi().await.unwrap();
-        transport::write_frame(&mut s, msg).await.unwrap();
-        s.finish().unwrap();
-    }
-
-    async fn next_answer(child: &mut Child) -> Message {
-        tokio::time::timeout(Duration::from_secs(10), child.answers.recv()).await.expect("an answer").unwrap()
+    async fn next_answer(child: &PlayedChild) -> Message {
+        child.next_answer(Duration::from_secs(10)).await.expect("an answer from the node")
     }
 
     #[tokio::test]
     async fn bad_frames_signatures_and_receipts_are_refused_and_good_cases_still_pass() {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
-        let ecg = std::fs::read(node::demo::testdata_dir().join("waveform_ecg.dcm")).unwrap();
-        let (county, mut child) = setup(dir.path(), vec![ecg.clone()]).await;
+        let ecg = Arc::new(std::fs::read(node::demo::testdata_dir().join("waveform_ecg.dcm")).unwrap());
+        let (county, child) = setup(dir.path()).await;
 
         // 1. An oversize frame: refused on the same stream, before the payload is read.
         let (mut s, mut r) = child.link.connection.open_bi().await.unwrap();
         s.write_all(&(8u32 * 1024 * 1024).to_be_bytes()).await.unwrap();
         s.write_all(&[0u8; 1024]).await.unwrap();
         let answer =
-            tokio::time::timeout(Duration::from_secs(10), transport::read_frame(&mut r)).await.unwrap().unwrap();
+            tokio::time::timeout(Duration::from_secs(10), node::transport::read_frame(&mut r)).await.unwrap().unwrap();
         assert!(
             matches!(&answer, Message::Reject(Reject { code: RejectCode::Malformed, detail, .. }) if detail.contains("exceeds the 1048576-byte limit")),
             "{answer:?}"
         );
 
         // 2. A manifest whose signature does not verify.
-        let bad_id = CaseId([1; 16]);
-        let mut bad = offer(&child.key, bad_id, &ecg);
+        let mut bad = child.make_offer(CaseId([1; 16]), Modality::Ecg, Urgency::Urgent, ecg.clone());
         let mut bytes = bad.manifest.as_bytes().to_vec();
         let n = bytes.len();
         bytes[n - 80] ^= 0x20;
         bad.manifest = SignedEnvelope::from_bytes(bytes);
-        send(&child.link, &Message::CaseOffer(bad)).await;
-        let answer = next_answer(&mut child).await;
+        child.send(&Message::CaseOffer(bad)).await.unwrap();
+        let answer = next_answer(&child).await;
         assert!(
             matches!(&answer, Message::Reject(Reject { code: RejectCode::BadSignature | RejectCode::Malformed, .. })),
             "{answer:?}"
@@ -865,31 +776,20 @@ mod bad_peer_input {
             attachments: vec![],
             at: node::view::now(),
         };
-        let env = SignedEnvelope::sign(&child.key, content_type::CUSTODY_RECEIPT, &receipt).unwrap();
-        send(&child.link, &Message::CustodyReceipt(env)).await;
-        let answer = next_answer(&mut child).await;
+        let env = SignedEnvelope::sign(child.signing_key(), content_type::CUSTODY_RECEIPT, &receipt).unwrap();
+        child.send(&Message::CustodyReceipt(env)).await.unwrap();
+        let answer = next_answer(&child).await;
         assert!(matches!(&answer, Message::Reject(Reject { code: RejectCode::UnknownCase, .. })), "{answer:?}");
         assert!(logged("receipt for an unknown case").await);
 
         // 4. Nothing was stored for the bad input, and a good case still goes through:
         // accepted, attachment fetched and hash-checked, then a signed custody receipt.
         let good_id = CaseId([3; 16]);
-        send(&child.link, &Message::CaseOffer(offer(&child.key, good_id, &ecg))).await;
-        let mut got_receipt = false;
-        for _ in 0..4 {
-            match next_answer(&mut child).await {
-                Message::OfferAccept(a) => assert_eq!(a.case_id, good_id),
-                Message::CustodyReceipt(env) => {
-                    let r: CustodyReceipt = env.open(content_type::CUSTODY_RECEIPT).unwrap().body;
-                    assert_eq!(r.case_id, good_id);
-                    assert_eq!(r.attachments, vec![ContentHash::of(&ecg)]);
-                    got_receipt = true;
-                    break;
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert!(got_receipt);
+        let offer = child.make_offer(good_id, Modality::Ecg, Urgency::Urgent, ecg.clone());
+        assert!(
+            child.offer_until_receipt(offer, Duration::from_secs(20)).await.is_some(),
+            "custody receipt for the good case"
+        );
         let status = county.status().await.unwrap();
         let ids: Vec<&str> = status.cases.iter().map(|c| c.case_id.as_str()).collect();
         assert_eq!(ids, vec![good_id.to_string().as_str()], "only the good case is held");
@@ -933,6 +833,7 @@ mod offline_first {
         let village = node::daemon::start(configs[1].clone()).await.unwrap();
 
         let req = SubmitRequest {
+            study: None,
             files: vec![node::demo::testdata_dir().join("waveform_ecg.dcm")],
             modality: Modality::Ecg,
             urgency: Urgency::Stat,
@@ -968,5 +869,69 @@ mod offline_first {
         assert_eq!(village.metrics.reports_at_origin.load(std::sync::atomic::Ordering::Relaxed), 1, "reported once");
         village.shutdown().await.unwrap();
         parent.shutdown().await.unwrap();
+    }
+}
+
+// --- a DICOM device pushes a study; the clinician submits it as a case ---------------
+
+mod device_ingest {
+    use federation_proto::{Modality, Tier, Urgency};
+    use node::config::DicomConfig;
+    use node::daemon::SubmitRequest;
+    use node::demo::{PlannedNode, provision};
+    use std::process::Command;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn study_pushed_by_storescu_becomes_a_case_when_the_clinician_submits_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = vec![PlannedNode {
+            name: "v1.gaocheng.dengfeng.zhengzhou.henan.cn".into(),
+            tier: Tier::Village,
+            parent: None,
+            experts: vec![],
+        }];
+        let mut config = provision(dir.path(), &plan).unwrap().remove(0);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        config.dicom = Some(DicomConfig {
+            ae_title: "TELEMED".into(),
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            allowed_callers: vec!["ECGCART1".into()],
+            max_instance_bytes: 64 * 1024 * 1024,
+        });
+        let village = node::daemon::start(config).await.unwrap();
+
+        // A standard SCU (dcmtk's storescu) pushes a real 12-lead ECG.
+        let ecg = node::demo::testdata_dir().join("waveform_ecg.dcm");
+        let out = Command::new("storescu")
+            .args(["-aet", "ECGCART1", "-aec", "TELEMED", "127.0.0.1", &port.to_string()])
+            .arg(&ecg)
+            .output()
+            .expect("storescu from dcmtk is needed for this test: apt-get install -y dcmtk");
+        assert!(out.status.success(), "storescu: {}", String::from_utf8_lossy(&out.stderr));
+
+        let studies = village.studies().await.unwrap().unwrap();
+        assert_eq!(studies.len(), 1, "{studies:?}");
+        assert_eq!(studies[0].instances, 1);
+        assert_eq!(studies[0].modality, "ECG");
+        // Nothing becomes a case by itself.
+        assert!(village.status().await.unwrap().cases.is_empty());
+
+        let req = SubmitRequest {
+            files: vec![],
+            study: Some(studies[0].study_uid.clone()),
+            modality: Modality::Ecg,
+            urgency: Urgency::Stat,
+            question: "palpitations".into(),
+            patient: "p-12".into(),
+            task: None,
+        };
+        let id = village.submit(req).await.unwrap().unwrap();
+        let view = village.show(id).await.unwrap().unwrap();
+        assert_eq!(view.attachments.len(), 1);
+        assert_eq!(view.attachments[0].2, "application/dicom");
+        assert!(village.studies().await.unwrap().unwrap().is_empty(), "a submitted study leaves the device list");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        village.shutdown().await.unwrap();
     }
 }

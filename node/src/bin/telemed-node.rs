@@ -40,9 +40,16 @@ enum Command {
         /// Reading task, e.g. `ecg.rhythm` (defaults by modality).
         #[arg(long)]
         task: Option<String>,
+        /// A study received from a device (see `studies`), by StudyInstanceUID.
+        #[arg(long, required_unless_present = "files")]
+        study: Option<String>,
         /// Files: DICOM, WFDB, SVS/TIFF, ...
-        #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Studies received from devices (DICOM C-STORE or the inbox) not yet submitted.
+    Studies {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
     },
     /// What this node holds, what is waiting and since when.
     Status {
@@ -135,12 +142,33 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await?;
             let _ = std::fs::remove_file(&socket);
         }
-        Command::Submit { config, modality, urgency, question, patient, task, files } => {
+        Command::Studies { config } => match ask(&config, Request::Studies).await? {
+            Response::Studies(list) => {
+                println!(
+                    "{:<64}  {:<10} {:<12} {:>9} {:>12}  received",
+                    "study", "modality", "patient", "instances", "bytes"
+                );
+                for s in list {
+                    println!(
+                        "{:<64}  {:<10} {:<12} {:>9} {:>12}  {} ago",
+                        s.study_uid,
+                        s.modality,
+                        s.patient_id,
+                        s.instances,
+                        s.bytes,
+                        fmt_age(s.last_received_ms)
+                    );
+                }
+            }
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer: {other:?}"),
+        },
+        Command::Submit { config, modality, urgency, question, patient, task, study, files } => {
             let files = files
                 .into_iter()
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("{}", f.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let req = SubmitRequest { files, modality, urgency, question, patient, task };
+            let req = SubmitRequest { files, study, modality, urgency, question, patient, task };
             match ask(&config, Request::Submit(req)).await? {
                 Response::Submitted { case_id } => println!("{case_id}"),
                 Response::Error { message } => bail!("not submitted: {message}"),
