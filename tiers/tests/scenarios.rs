@@ -536,3 +536,41 @@ fn finished_case_can_be_archived_but_one_still_in_flight_cannot() {
     }
     assert!(matches!(h.core_mut("city").archive(case), Err(tiers::ActionError::UnknownCase(_))));
 }
+
+#[test]
+fn cases_waiting_for_a_parent_go_out_most_urgent_first_when_it_returns() {
+    let mut h = Harness::seven_tier_chain(19);
+    experts_everywhere(&mut h, "township", Modality::Ecg);
+    h.crash("township");
+    // Queued while the parent is down: routine first, then urgent, then STAT.
+    let routine = h.submit("village", Modality::Ecg, Urgency::Routine, "routine");
+    h.run_for(1_000);
+    let urgent = h.submit("village", Modality::Ecg, Urgency::Urgent, "urgent");
+    h.run_for(1_000);
+    let stat = h.submit("village", Modality::Ecg, Urgency::Stat, "stat");
+    h.run_for(10 * MIN);
+    for id in [routine, urgent, stat] {
+        assert!(
+            matches!(h.case_at("village", id).unwrap().status, CaseStatus::Forwarding { .. }),
+            "held at the village"
+        );
+    }
+    h.restart("township");
+    h.run_for(MIN);
+    let urgency_of = |id: &federation_proto::CaseId| h.case_at("village", *id).unwrap().info.urgency;
+    let firsts: Vec<Urgency> = h
+        .events
+        .iter()
+        .filter(|(_, n, _)| n.as_str() == "township")
+        .filter_map(|(_, _, e)| match e {
+            Event::CustodyTaken { case_id, .. } => Some(urgency_of(case_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        firsts,
+        vec![Urgency::Stat, Urgency::Urgent, Urgency::Routine],
+        "order in which the parent took custody"
+    );
+    assert_invariants(&h);
+}
