@@ -545,6 +545,7 @@ fn default_task(modality: federation_proto::Modality) -> &'static str {
 impl Core {
     async fn run(mut self, mut rx: mpsc::Receiver<Input>) -> Result<(), DaemonError> {
         self.drain().await?;
+        self.resume_simulated_experts();
         loop {
             let deadline = self.core.poll_timeout();
             let sleep = async {
@@ -671,6 +672,30 @@ impl Core {
                 }
             }
             Input::Shutdown => {}
+        }
+    }
+
+    /// After a restart, simulated experts pick up where they were: queued cases are
+    /// claimed again and their own claimed cases are read (a person at the consult
+    /// queue would see the same list).
+    fn resume_simulated_experts(&self) {
+        let Some(sim) = &self.config.simulated_experts else { return };
+        for case in self.core.cases() {
+            let case_id = case.info.case_id;
+            let (input, wait) = match &case.status {
+                tiers::CaseStatus::Queued { .. } => {
+                    (Input::ExpertClaim { case_id, expert: sim.name.clone() }, sim.claim_after_ms)
+                }
+                tiers::CaseStatus::Claimed { expert, .. } if *expert == sim.name => {
+                    (Input::ExpertSign { case_id, expert: expert.clone() }, sim.read_ms)
+                }
+                _ => continue,
+            };
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let _ = tx.send(input).await;
+            });
         }
     }
 
@@ -867,6 +892,7 @@ impl Core {
                 ("case.queued", Some(*case_id), None, format!("claim by {}", claim_deadline.0))
             }
             Event::Claimed { case_id, expert } => ("case.claimed", Some(*case_id), None, expert.clone()),
+            Event::ClaimExpired { case_id, expert } => ("case.claim_expired", Some(*case_id), None, expert.clone()),
             Event::Escalating { case_id, to, reason } => {
                 ("case.escalating", Some(*case_id), Some(to.to_string()), reason.to_string())
             }

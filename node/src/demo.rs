@@ -149,6 +149,7 @@ fn event_case(e: &Event) -> Option<CaseId> {
         | Event::ModelRead { case_id, .. }
         | Event::Queued { case_id, .. }
         | Event::Claimed { case_id, .. }
+        | Event::ClaimExpired { case_id, .. }
         | Event::Escalating { case_id, .. }
         | Event::CustodyPassed { case_id, .. }
         | Event::Reported { case_id, .. }

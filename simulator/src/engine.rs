@@ -689,6 +689,9 @@ impl Engine {
         let node = &self.topo.nodes[n as usize];
         let mut config = NodeConfig::new(node.name.clone(), node.tier);
         config.upstream = upstream;
+        // Simulated experts never abandon a claim (service times are drawn whole), so
+        // claim leases, the core's guard against that, are set beyond any run.
+        config.deadlines.claim_lease_factor = 1 << 30;
         config.models = self.models[node.tier as usize]
             .iter()
             .map(|m| ModelSpec {
@@ -1012,6 +1015,7 @@ impl Engine {
                 self.enqueue(n, case_id, m, u);
             }
             Event::Claimed { case_id, .. } => self.trace_event(n, 35, Some(&case_id)),
+            Event::ClaimExpired { case_id, .. } => self.trace_event(n, 45, Some(&case_id)),
             Event::Escalating { case_id, reason, .. } => {
                 self.trace_event(n, 36, Some(&case_id));
                 self.escalations += 1;

@@ -19,9 +19,23 @@ pub enum CaseStatus {
     /// A local model is reading it.
     AwaitingModel { model: String },
     /// In the local consult queue, waiting for an expert.
-    Queued { since: Millis, claim_deadline: Millis },
+    Queued {
+        since: Millis,
+        claim_deadline: Millis,
+        /// The expert whose claim lapsed, if that is how the case came back here:
+        /// they may still sign it while nobody else has claimed it.
+        #[serde(default)]
+        lapsed_claim: Option<String>,
+    },
     /// An expert is reading it.
-    Claimed { expert: String, at: Millis },
+    /// An expert is reading it. If no report comes by `lease_until` (the expert
+    /// walked away, or the reading station crashed), it goes back to the queue.
+    Claimed {
+        expert: String,
+        at: Millis,
+        #[serde(default)]
+        lease_until: Millis,
+    },
     /// Offered to `to`; custody stays here until its receipt arrives.
     Forwarding {
         to: NodeName,

@@ -135,6 +135,11 @@ pub enum Event {
         case_id: CaseId,
         expert: String,
     },
+    /// A claim lapsed without a report; the case is back in the queue.
+    ClaimExpired {
+        case_id: CaseId,
+        expert: String,
+    },
     Escalating {
         case_id: CaseId,
         to: NodeName,
@@ -624,7 +629,10 @@ impl Node {
             }
             _ => return Err(self.wrong_state(case_id, "claim")),
         }
-        self.set_status(now, case_id, CaseStatus::Claimed { expert: expert.to_owned(), at: now });
+        let service = self.pool(self.cases[&case_id].info.modality).map_or(0, |p| p.service_ms);
+        let lease_ms = service.saturating_mul(self.config.deadlines.claim_lease_factor).max(60_000);
+        let lease_until = now.saturating_add(lease_ms);
+        self.set_status(now, case_id, CaseStatus::Claimed { expert: expert.to_owned(), at: now, lease_until });
         self.emit(Output::Notify(Event::Claimed { case_id, expert: expert.to_owned() }));
         Ok(())
     }
@@ -635,7 +643,7 @@ impl Node {
         self.check_claimed_by(case_id, expert, "release")?;
         let case = &self.cases[&case_id];
         let claim_deadline = self.claim_deadline(now, case).max(now);
-        self.set_status(now, case_id, CaseStatus::Queued { since: now, claim_deadline });
+        self.set_status(now, case_id, CaseStatus::Queued { since: now, claim_deadline, lapsed_claim: None });
         Ok(())
     }
 
@@ -647,7 +655,13 @@ impl Node {
         expert: &str,
         draft: ReportDraft,
     ) -> Result<(), ActionError> {
-        self.check_claimed_by(case_id, expert, "sign a report")?;
+        let lapsed_mine = matches!(
+            self.cases.get(&case_id).map(|c| &c.status),
+            Some(CaseStatus::Queued { lapsed_claim: Some(e), .. }) if e == expert
+        );
+        if !lapsed_mine {
+            self.check_claimed_by(case_id, expert, "sign a report")?;
+        }
         if draft.text.len() > self.config.limits.text_len_max {
             return Err(ActionError::Invalid("report text too long".into()));
         }
@@ -1122,7 +1136,7 @@ impl Node {
         match eta {
             Some(eta) if eta <= time_left || (!has_upstream) => {
                 let claim_deadline = self.claim_deadline(now, case);
-                self.set_status(now, id, CaseStatus::Queued { since: now, claim_deadline });
+                self.set_status(now, id, CaseStatus::Queued { since: now, claim_deadline, lapsed_claim: None });
                 self.emit(Output::Notify(Event::Queued { case_id: id, claim_deadline }));
             }
             _ if !has_upstream => {
@@ -1279,6 +1293,19 @@ impl Node {
 
     fn fire(&mut self, now: Millis, id: CaseId) {
         let Some(case) = self.cases.get(&id) else { return };
+        if let CaseStatus::Claimed { expert, lease_until, .. } = &case.status
+            && lease_until.0 > 0
+            && *lease_until <= now
+        {
+            // The claim lapsed: back to the queue, with a fresh claim window.
+            let expert = expert.clone();
+            let claim_deadline = self.claim_deadline(now, case).max(now);
+            let lapsed_claim = Some(expert.clone());
+            self.set_status(now, id, CaseStatus::Queued { since: now, claim_deadline, lapsed_claim });
+            self.emit(Output::Notify(Event::ClaimExpired { case_id: id, expert }));
+            self.emit(Output::Notify(Event::Queued { case_id: id, claim_deadline }));
+        }
+        let Some(case) = self.cases.get(&id) else { return };
         if let CaseStatus::Queued { claim_deadline, .. } = case.status
             && claim_deadline <= now
             && !self.config.upstream.is_empty()
@@ -1365,6 +1392,7 @@ impl Node {
         let mut wake = match &case.status {
             CaseStatus::Queued { claim_deadline, .. } if !self.config.upstream.is_empty() => Some(*claim_deadline),
             CaseStatus::Forwarding { next_retry_at, .. } => Some(*next_retry_at),
+            CaseStatus::Claimed { lease_until, .. } if lease_until.0 > 0 => Some(*lease_until),
             _ => None,
         };
         if let ReportDown::Pending { next_retry_at, .. } = case.report_down {

@@ -19,6 +19,14 @@ pub struct DeadlinePolicy {
     /// How long a case may wait unclaimed in one tier's queue before it moves on,
     /// per urgency. Capped so an expert still has the service time before the deadline.
     pub claim_window_ms: [u64; 3],
+    /// A claim lasts this many expected service times (at least a minute); a case
+    /// still unreported then goes back to the queue for another expert.
+    #[serde(default = "default_claim_lease_factor")]
+    pub claim_lease_factor: u64,
+}
+
+fn default_claim_lease_factor() -> u64 {
+    3
 }
 
 impl Default for DeadlinePolicy {
@@ -33,6 +41,7 @@ impl Default for DeadlinePolicy {
                 [30 * MINUTE_MS, HOUR_MS, 48 * HOUR_MS],
             ],
             claim_window_ms: [3 * MINUTE_MS, 15 * MINUTE_MS, 4 * HOUR_MS],
+            claim_lease_factor: default_claim_lease_factor(),
         }
     }
 }

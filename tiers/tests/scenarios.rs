@@ -574,3 +574,45 @@ fn cases_waiting_for_a_parent_go_out_most_urgent_first_when_it_returns() {
     );
     assert_invariants(&h);
 }
+
+#[test]
+fn a_claim_that_lapses_without_a_report_returns_the_case_to_the_queue() {
+    let mut h = Harness::seven_tier_chain(20);
+    h.configure("county", |c| c.experts = vec![ecg_experts(2, 3 * MIN)]);
+    let case = h.submit("village", Modality::Ecg, Urgency::Routine, "routine ECG");
+    h.run_for(20_000);
+    let now = h.now;
+    h.core_mut("county").handle_claim(now, case, "dr.wang").unwrap();
+    h.pump_all();
+    let CaseStatus::Claimed { lease_until, .. } = h.case_at("county", case).unwrap().status else { panic!("claimed") };
+    assert_eq!(lease_until.0 - now.0, 9 * MIN, "three service times");
+    h.run_until(Millis(lease_until.0 - 1));
+    assert!(matches!(h.case_at("county", case).unwrap().status, CaseStatus::Claimed { .. }));
+    h.run_for(2);
+    assert!(matches!(h.case_at("county", case).unwrap().status, CaseStatus::Queued { .. }), "back in the queue");
+    assert!(h.events_at("county").any(|e| matches!(e, Event::ClaimExpired { expert, .. } if expert == "dr.wang")));
+    // Another expert can take it now.
+    let now = h.now;
+    h.core_mut("county").handle_claim(now, case, "dr.zhao").unwrap();
+    assert_invariants(&h);
+}
+
+#[test]
+fn a_lapsed_claim_on_a_stat_case_near_its_deadline_moves_the_case_on() {
+    let mut h = Harness::seven_tier_chain(21);
+    h.configure("county", |c| c.experts = vec![ecg_experts(1, 3 * MIN)]);
+    experts_everywhere(&mut h, "city", Modality::Ecg);
+    let case = h.submit("village", Modality::Ecg, Urgency::Stat, "STAT ECG");
+    h.run_for(10_000);
+    let now = h.now;
+    h.core_mut("county").handle_claim(now, case, "dr.wang").unwrap();
+    h.pump_all();
+    h.run_for(20 * MIN);
+    // Nine minutes into a ten-minute deadline there is no time for another county
+    // reader: the case moves on at once rather than waiting in the queue.
+    let trail = hops(&h, "city", case);
+    let from_county = trail.iter().find(|r| r.from.as_str() == "county").expect("the county sent it on");
+    assert_eq!(from_county.reason, EscalationReason::ClaimTimeout);
+    assert!(h.events_at("county").any(|e| matches!(e, Event::ClaimExpired { .. })));
+    assert_invariants(&h);
+}
