@@ -424,16 +424,19 @@ fn read_header(path: &Path) -> Result<InstanceHeader, IngestError> {
 fn read_header_with(path: &Path, check: bool) -> Result<InstanceHeader, IngestError> {
     // Distinguish "cannot open" from "not DICOM".
     File::open(path).map_err(IngestError::Unreadable)?;
+    // Structure first, before the DICOM parser reads any value: it allocates the
+    // length an element declares, so every length must be shown to fit in the file
+    // (a 45 KB file declaring a 3 GB value made it allocate 3 GB; found by
+    // fuzz/dicom_ingest). Also, a broken data set is reported as such, not as
+    // whatever attribute happened to be unreadable.
+    if check {
+        check_structure(path)?;
+    }
     let obj = OpenFileOptions::new()
         .read_until(tags::SERIES_INSTANCE_UID)
         .open_file(path)
         .map_err(|e| IngestError::Malformed(format!("not a readable DICOM file: {e}")))?;
     let transfer_syntax = trim_value(obj.meta().transfer_syntax()).to_string();
-    // Structure first: a broken data set must be reported as such, not as
-    // whatever attribute happened to be unreadable.
-    if check {
-        check_structure(path, &transfer_syntax)?;
-    }
     Ok(InstanceHeader {
         sop_class_uid: uid_attr(&obj, tags::SOP_CLASS_UID, "SOP Class UID")?,
         sop_instance_uid: uid_attr(&obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?,
@@ -451,19 +454,21 @@ const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// values: every element, item and delimiter must fit, and the data set must
 /// end exactly at the end of the file. Catches truncated transfers anywhere,
 /// including inside pixel data, with constant memory.
-fn check_structure(path: &Path, transfer_syntax: &str) -> Result<(), IngestError> {
-    let explicit = match transfer_syntax {
+fn check_structure(path: &Path) -> Result<(), IngestError> {
+    let file = File::open(path).map_err(IngestError::Unreadable)?;
+    let len = file.metadata()?.len();
+    let mut w = Walker { r: BufReader::with_capacity(64 * 1024, file), pos: 0, len };
+    let transfer_syntax =
+        w.walk_meta().map_err(|e| IngestError::Malformed(format!("not a readable DICOM file: {e}")))?;
+    let explicit = match transfer_syntax.as_str() {
         IMPLICIT_VR_LE => false,
         "1.2.840.10008.1.2.2" | "1.2.840.10008.1.2.1.99" => {
-            return Err(IngestError::UnsupportedTransferSyntax(transfer_syntax.to_string()));
+            return Err(IngestError::UnsupportedTransferSyntax(transfer_syntax));
         }
         // Explicit VR LE and every encapsulated (compressed) syntax.
         _ => true,
     };
-    let file = File::open(path).map_err(IngestError::Unreadable)?;
-    let len = file.metadata()?.len();
-    let mut w = Walker { r: BufReader::with_capacity(64 * 1024, file), pos: 0, len };
-    w.walk_file(explicit).map_err(IngestError::Malformed)
+    w.walk_dataset(explicit, 0, Some(len)).map_err(IngestError::Malformed)
 }
 
 struct Walker<R> {
@@ -523,7 +528,8 @@ impl<R: Read + Seek> Walker<R> {
         Ok((Some(vr), len))
     }
 
-    fn walk_file(&mut self, explicit: bool) -> Result<(), String> {
+    /// The preamble and the file meta group; returns the transfer syntax UID.
+    fn walk_meta(&mut self) -> Result<String, String> {
         // Preamble (128 bytes) then "DICM"; tolerate files that start with
         // the magic code directly.
         if self.bytes::<4>()? != *b"DICM" {
@@ -533,23 +539,30 @@ impl<R: Read + Seek> Walker<R> {
             }
         }
         // File meta group: explicit VR little endian, group 0002.
+        let mut transfer_syntax = String::new();
         loop {
             if self.pos == self.len {
-                return Ok(());
+                return Ok(transfer_syntax);
             }
             let (g, e) = self.tag()?;
             if g != 0x0002 {
                 self.r.seek_relative(-4).map_err(|e| e.to_string())?;
                 self.pos -= 4;
-                break;
+                return Ok(transfer_syntax);
             }
             let (_, len) = self.header(true)?;
             if len == UNDEFINED {
                 return Err(format!("undefined length in meta element (0002,{e:04X})"));
             }
-            self.skip(len as u64, self.len)?;
+            if e == 0x0010 && len <= 64 {
+                let mut uid = vec![0u8; len as usize];
+                self.r.read_exact(&mut uid).map_err(|e| format!("truncated at byte {}: {e}", self.pos))?;
+                self.pos += u64::from(len);
+                transfer_syntax = trim_value(&String::from_utf8_lossy(&uid)).to_string();
+            } else {
+                self.skip(len as u64, self.len)?;
+            }
         }
-        self.walk_dataset(explicit, 0, Some(self.len))
     }
 
     /// Elements until `end` (defined length) or an item delimiter (`None`).
@@ -1620,6 +1633,33 @@ mod tests {
         let comment =
             rsp.raw(dimse::ERROR_COMMENT).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
         (rsp.us(dimse::STATUS).unwrap(), comment)
+    }
+
+    /// Regression (fuzz/dicom_ingest, out-of-memory): CT_small.dcm with four bytes of
+    /// its file meta group changed misaligns the data set so that an element declares
+    /// a 3.2 GB value in a 39 KB file; the DICOM parser allocated it before anything
+    /// checked it. The structure walk now refuses it before the parser runs.
+    /// (The input is also kept as fuzz/corpus/dicom_ingest/regression-oom-3gb-value.dcm.)
+    #[test]
+    fn a_value_longer_than_the_file_is_refused_before_the_parser_allocates_it() {
+        let mut bytes = fs::read(testdata("CT_small.dcm")).unwrap();
+        for (at, value) in [(140, 0xC4), (164, 0x1C), (190, 0x36), (191, 0x2E)] {
+            bytes[at] = value;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("mutated.dcm");
+        fs::write(&src, &bytes).unwrap();
+        let store = StudyStore::open(dir.path()).unwrap();
+        match store.import_file(&src) {
+            // Refused by the structure walk ("invalid VR ..." where the misaligned data
+            // set starts), not by the parser after its allocation ("not a readable ...").
+            Err(IngestError::Malformed(why)) => {
+                assert!(why.starts_with("invalid VR") || why.contains("runs past the end"), "{why}")
+            }
+            other => panic!("expected a malformed-structure error, got {other:?}"),
+        }
+        assert!(store.list().unwrap().is_empty());
+        assert!(incoming_is_empty(&store));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,14 @@ use tokio::sync::oneshot;
 
 type Waiters = Arc<Mutex<BTreeMap<CaseId, oneshot::Sender<Instant>>>>;
 
+/// What [`PlayedChild::make_offer_with`] signs, open to tampering before it is signed.
+pub struct OfferParts {
+    pub manifest: CaseManifest,
+    pub hop: HopRecord,
+    pub manifest_key: SigningKey,
+    pub hop_key: SigningKey,
+}
+
 /// A child node played by a test or benchmark.
 pub struct PlayedChild {
     pub name: NodeName,
@@ -123,6 +131,20 @@ impl PlayedChild {
         urgency: Urgency,
         attachment: Arc<Vec<u8>>,
     ) -> CaseOffer {
+        self.make_offer_with(case_id, modality, urgency, attachment, |_| {})
+    }
+
+    /// [`Self::make_offer`], with the manifest, the hop record and the keys that sign
+    /// them handed to `tamper` first (adversarial tests: a hop signed by another node,
+    /// naming another receiver, ...).
+    pub fn make_offer_with(
+        &self,
+        case_id: CaseId,
+        modality: Modality,
+        urgency: Urgency,
+        attachment: Arc<Vec<u8>>,
+        tamper: impl FnOnce(&mut OfferParts),
+    ) -> CaseOffer {
         let now = crate::view::now();
         let hash = ContentHash::of(&attachment);
         let manifest = CaseManifest {
@@ -156,10 +178,39 @@ impl PlayedChild {
             skipped: vec![],
             reason: EscalationReason::NoLocalCapacity,
         };
+        let mut parts = OfferParts { manifest, hop, manifest_key: self.key.clone(), hop_key: self.key.clone() };
+        tamper(&mut parts);
         CaseOffer {
-            manifest: SignedEnvelope::sign(&self.key, content_type::MANIFEST, &manifest).expect("encodes"),
-            trail: vec![SignedEnvelope::sign(&self.key, content_type::HOP, &hop).expect("encodes")],
+            manifest: SignedEnvelope::sign(&parts.manifest_key, content_type::MANIFEST, &parts.manifest)
+                .expect("encodes"),
+            trail: vec![SignedEnvelope::sign(&parts.hop_key, content_type::HOP, &parts.hop).expect("encodes")],
             findings: vec![],
+        }
+    }
+
+    /// Writes `bytes` as they are (no framing) on a new stream and finishes it; returns
+    /// the stream's receiving half, where the node answers a frame it refuses.
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<quinn::RecvStream, transport::TransportError> {
+        let conn_err = |e: &dyn std::fmt::Display| transport::TransportError::Connection {
+            peer: self.parent.to_string(),
+            detail: e.to_string(),
+        };
+        let (mut s, r) = self.link.connection.open_bi().await.map_err(|e| conn_err(&e))?;
+        s.write_all(bytes).await.map_err(|e| conn_err(&e))?;
+        let _ = s.finish();
+        Ok(r)
+    }
+
+    /// Waits at most `timeout` for a message from the node that `want` picks out,
+    /// dropping the ones before it.
+    pub async fn wait_for(&self, timeout: Duration, mut want: impl FnMut(&Message) -> bool) -> Option<Message> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let msg = self.next_answer(left).await?;
+            if want(&msg) {
+                return Some(msg);
+            }
         }
     }
 

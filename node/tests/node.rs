@@ -473,6 +473,9 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
 
 // --- whole nodes: real processes, real certificates, SQLite, kill -9 ---------------------
 
+#[path = "node/chaos.rs"]
+mod chaos;
+
 mod federation_processes {
     use federation_proto::{Modality, Tier};
     use node::config::{Config, ParentConfig};
@@ -483,7 +486,7 @@ mod federation_processes {
     use std::time::{Duration, Instant};
 
     /// Kills every child process when the test ends, however it ends.
-    struct Procs(Vec<(String, Child)>);
+    pub(super) struct Procs(pub(super) Vec<(String, Child)>);
     impl Drop for Procs {
         fn drop(&mut self) {
             for (_, c) in &mut self.0 {
@@ -493,11 +496,11 @@ mod federation_processes {
         }
     }
 
-    fn free_port() -> u16 {
+    pub(super) fn free_port() -> u16 {
         std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
-    fn spawn(config_path: &Path, log: &Path) -> Child {
+    pub(super) fn spawn(config_path: &Path, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         Command::new(env!("CARGO_BIN_EXE_telemed-node"))
             .args(["run", "--config"])
@@ -509,17 +512,21 @@ mod federation_processes {
             .unwrap()
     }
 
-    fn write_config(dir: &Path, config: &Config) -> PathBuf {
+    pub(super) fn write_config(dir: &Path, config: &Config) -> PathBuf {
         let path = dir.join(format!("{}.toml", config.name));
         std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
         path
     }
 
-    async fn ask(config: &Config, req: Request) -> Option<Response> {
+    pub(super) async fn ask(config: &Config, req: Request) -> Option<Response> {
         node::control::request(&config.control_socket(), &req).await.ok()
     }
 
-    async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, secs: u64, mut f: impl FnMut() -> F) {
+    pub(super) async fn wait_until<F: std::future::Future<Output = bool>>(
+        what: &str,
+        secs: u64,
+        mut f: impl FnMut() -> F,
+    ) {
         let end = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < end {
             if f().await {
@@ -530,9 +537,9 @@ mod federation_processes {
         panic!("timed out waiting for {what}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn seven_real_nodes_deliver_reports_and_survive_kill_9_of_a_middle_node() {
-        let tmp = tempfile::tempdir().unwrap();
+    /// One node per tier, each the parent of the next, imaging experts at the city;
+    /// configs with fixed loopback ports, written to `dir`, ready to spawn.
+    pub(super) fn seven_tier_configs(dir: &Path) -> (Vec<Config>, Vec<PathBuf>, Vec<PathBuf>) {
         let names = [
             ("hub.telemed.int", Tier::International),
             ("nhc.cn", Tier::National),
@@ -549,11 +556,10 @@ mod federation_processes {
                 name: (*name).into(),
                 tier: *tier,
                 parent: (i > 0).then(|| names[i - 1].0.to_owned()),
-                // Only the city reads imaging; the case must climb four hops.
                 experts: if *tier == Tier::City { vec![(Modality::Imaging, 2)] } else { vec![] },
             })
             .collect();
-        let mut configs = provision(tmp.path(), &plan).unwrap();
+        let mut configs = provision(dir, &plan).unwrap();
         let ports: Vec<u16> = configs.iter().map(|_| free_port()).collect();
         for i in 0..configs.len() {
             configs[i].listen = format!("127.0.0.1:{}", ports[i]).parse().unwrap();
@@ -565,8 +571,15 @@ mod federation_processes {
                 }];
             }
         }
-        let paths: Vec<PathBuf> = configs.iter().map(|c| write_config(tmp.path(), c)).collect();
-        let logs: Vec<PathBuf> = configs.iter().map(|c| tmp.path().join(format!("{}.log", c.name))).collect();
+        let paths = configs.iter().map(|c| write_config(dir, c)).collect();
+        let logs = configs.iter().map(|c| dir.join(format!("{}.log", c.name))).collect();
+        (configs, paths, logs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seven_real_nodes_deliver_reports_and_survive_kill_9_of_a_middle_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (configs, paths, logs) = seven_tier_configs(tmp.path());
         let mut procs = Procs(Vec::new());
         for i in 0..configs.len() {
             procs.0.push((configs[i].name.clone(), spawn(&paths[i], &logs[i])));
@@ -933,5 +946,413 @@ mod device_ingest {
         assert!(village.studies().await.unwrap().unwrap().is_empty(), "a submitted study leaves the device list");
         tokio::time::sleep(Duration::from_millis(50)).await;
         village.shutdown().await.unwrap();
+    }
+}
+
+// --- adversarial peers: what a hostile or broken child can do to a running node -----
+
+mod adversarial {
+    //! Each test starts a real county node in-process, links children played by the test
+    //! (`node::loadgen::PlayedChild`, real certificates), attacks, and then checks that
+    //! the node still takes a good case (signed custody receipt) and holds only the good
+    //! cases. A tampered chunk is covered by the unit tests in `node/src/transfer.rs`
+    //! (`fetch_refuses_a_chunk_that_does_not_match_its_hash` and neighbours).
+    use super::{init_logs, logged};
+    use certs::keys::NodeCredentials;
+    use certs::verify::TrustStore;
+    use ed25519_dalek::SigningKey;
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    use federation_proto::*;
+    use node::config::{Config, SimulatedExperts};
+    use node::demo::{PlannedNode, provision};
+    use node::loadgen::PlayedChild;
+    use node::transport::{STREAMS_PER_PEER_MAX, TransportError};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
+    const V1: &str = "v1.gaocheng.dengfeng.zhengzhou.henan.cn";
+    const V2: &str = "v2.gaocheng.dengfeng.zhengzhou.henan.cn";
+    const SIBLING_COUNTY: &str = "xinmi.zhengzhou.henan.cn";
+    const CITY: &str = "zhengzhou.henan.cn";
+    const WAIT: Duration = Duration::from_secs(20);
+
+    struct Federation {
+        county: node::daemon::Running,
+        configs: Vec<Config>,
+        trust: Arc<TrustStore>,
+        ecg: Arc<Vec<u8>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Federation {
+        /// A county node (with fast simulated experts if `reads`, so cases get reports;
+        /// otherwise it only holds them) and certificates for two villages, a sibling
+        /// county and the city above it.
+        async fn start(reads: bool) -> Federation {
+            init_logs();
+            let dir = tempfile::tempdir().unwrap();
+            let node = |name: &str, tier, parent: Option<&str>| PlannedNode {
+                name: name.into(),
+                tier,
+                parent: parent.map(Into::into),
+                experts: if tier == Tier::County { vec![(Modality::Ecg, 1)] } else { vec![] },
+            };
+            let plan = vec![
+                node(COUNTY, Tier::County, None),
+                node(V1, Tier::Village, Some(COUNTY)),
+                node(V2, Tier::Village, Some(COUNTY)),
+                node(SIBLING_COUNTY, Tier::County, None),
+                node(CITY, Tier::City, None),
+            ];
+            let configs = provision(dir.path(), &plan).unwrap();
+            let mut county_config = configs[0].clone();
+            county_config.simulated_experts =
+                reads.then(|| SimulatedExperts { name: "dr.fast".into(), claim_after_ms: 50, read_ms: 100 });
+            let county = node::daemon::start(county_config).await.unwrap();
+            let trust =
+                Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[1].tls.root).unwrap()).unwrap());
+            let ecg = Arc::new(std::fs::read(node::demo::testdata_dir().join("waveform_ecg.dcm")).unwrap());
+            Federation { county, configs, trust, ecg, _dir: dir }
+        }
+
+        fn config(&self, name: &str) -> &Config {
+            self.configs.iter().find(|c| c.name == name).unwrap()
+        }
+
+        /// Links `name` to the county as a child claiming `tier`.
+        async fn connect_as(&self, name: &str, tier: Tier) -> Result<PlayedChild, TransportError> {
+            let c = self.config(name);
+            let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key).unwrap();
+            PlayedChild::connect(&creds, name.into(), tier, self.trust.clone(), COUNTY.into(), self.county.addr).await
+        }
+
+        async fn child(&self, name: &str) -> PlayedChild {
+            self.connect_as(name, Tier::Village).await.unwrap()
+        }
+
+        /// The signing key of a provisioned node (to forge with).
+        fn key_of(&self, name: &str) -> SigningKey {
+            let c = self.config(name);
+            let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key).unwrap();
+            SigningKey::from_pkcs8_der(creds.key.secret_der()).unwrap()
+        }
+
+        /// Offers a good case from `child` and requires its custody receipt.
+        async fn good_case(&self, child: &PlayedChild, id: CaseId) {
+            let offer = child.make_offer(id, Modality::Ecg, Urgency::Urgent, self.ecg.clone());
+            assert!(child.offer_until_receipt(offer, WAIT).await.is_some(), "custody receipt for good case {id}");
+        }
+
+        /// The case ids the county holds, sorted.
+        async fn held(&self) -> Vec<String> {
+            let mut ids: Vec<String> =
+                self.county.status().await.unwrap().cases.into_iter().map(|c| c.case_id).collect();
+            ids.sort();
+            ids
+        }
+
+        async fn assert_holds_only(&self, good: &[CaseId]) {
+            let mut want: Vec<String> = good.iter().map(|id| id.to_string()).collect();
+            want.sort();
+            assert_eq!(self.held().await, want, "the node holds the good cases and nothing else");
+        }
+    }
+
+    /// Waits for the node's `Reject` with one of `codes`, skipping other answers.
+    async fn rejected(child: &PlayedChild, codes: &[RejectCode]) -> Reject {
+        let msg =
+            child.wait_for(WAIT, |m| matches!(m, Message::Reject(_))).await.expect("the node answers with a Reject");
+        let Message::Reject(r) = msg else { unreachable!() };
+        assert!(codes.contains(&r.code), "expected one of {codes:?}, got {r:?}");
+        r
+    }
+
+    fn id(n: u8) -> CaseId {
+        CaseId([n; 16])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_and_truncated_frames_are_refused_on_their_stream() {
+        let fed = Federation::start(false).await;
+        let v1 = fed.child(V1).await;
+        let refusal = |mut r: quinn::RecvStream| async move {
+            let msg = tokio::time::timeout(WAIT, node::transport::read_frame(&mut r)).await.unwrap().unwrap();
+            let Message::Reject(r) = msg else { panic!("expected a Reject, got {msg:?}") };
+            assert_eq!(r.code, RejectCode::Malformed, "{r:?}");
+            r.detail
+        };
+        // A frame of the right length whose payload is not a message.
+        let mut junk = 16u32.to_be_bytes().to_vec();
+        junk.extend_from_slice(&[0xff; 16]);
+        refusal(v1.send_raw(&junk).await.unwrap()).await;
+        // A valid message under a header announcing more bytes than the stream carries.
+        let mut frame = encode_frame(&Message::AlreadyHave(AlreadyHave { case_id: id(9) })).unwrap();
+        frame[3] += 10;
+        refusal(v1.send_raw(&frame).await.unwrap()).await;
+        // Half a header.
+        refusal(v1.send_raw(&[0, 0]).await.unwrap()).await;
+        // A message only the transport may send (a hello after the hello).
+        let hello = Message::Hello(Hello {
+            protocol_version: 1,
+            protocol_version_min: 1,
+            node: NodeClaim {
+                name: V1.into(),
+                tier: Tier::Village,
+                public_key: PublicKey(fed.key_of(V1).verifying_key().to_bytes()),
+            },
+            software: String::new(),
+        });
+        v1.send(&hello).await.unwrap();
+        rejected(&v1, &[RejectCode::Malformed]).await;
+        assert!(logged("bad frame refused").await);
+
+        fed.good_case(&v1, id(1)).await;
+        fed.assert_holds_only(&[id(1)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_streams_do_not_starve_an_honest_child_and_are_reset_after_the_frame_timeout() {
+        let fed = Federation::start(false).await;
+        let attacker = fed.child(V1).await;
+        let honest = fed.child(V2).await;
+
+        // Slowloris: every stream the node allows, each with half a frame header and
+        // then nothing.
+        // (Open until the node grants no more: the hello's stream may still count.)
+        let mut idle = Vec::new();
+        while let Ok(opened) = tokio::time::timeout(Duration::from_secs(1), attacker.link.connection.open_bi()).await {
+            let (mut s, r) = opened.unwrap();
+            s.write_all(&[0, 0]).await.unwrap();
+            idle.push((s, r));
+            assert!(idle.len() <= STREAMS_PER_PEER_MAX as usize, "a stream beyond STREAMS_PER_PEER_MAX opened");
+        }
+        assert!(idle.len() >= STREAMS_PER_PEER_MAX as usize - 1, "only {} streams opened", idle.len());
+        // Meanwhile an honest child is served in full.
+        let started = std::time::Instant::now();
+        fed.good_case(&honest, id(1)).await;
+        assert!(started.elapsed() < node::daemon::FRAME_READ_TIMEOUT, "served while the idle streams were open");
+
+        // After the frame-read timeout the node resets every idle stream...
+        let deadline = tokio::time::Instant::now() + node::daemon::FRAME_READ_TIMEOUT + Duration::from_secs(10);
+        let n = idle.len();
+        for (i, (s, mut r)) in idle.into_iter().enumerate() {
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout_at(deadline, r.read(&mut buf)).await.expect("idle stream reset in time");
+            assert!(read.is_err(), "idle stream {i} ended by a reset, got {read:?}");
+            drop(s);
+        }
+        eprintln!("slowloris: {n} idle streams, all reset after {:?}", started.elapsed());
+        assert!(logged("without a whole frame; dropped").await);
+        // ...which gives the stream budget back: the same child's good case goes through.
+        let again = tokio::time::timeout(WAIT, fed.good_case(&attacker, id(2))).await;
+        assert!(again.is_ok(), "no stream for the attacker's own good case after the resets");
+        fed.assert_holds_only(&[id(1), id(2)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayed_receipts_and_reports_change_nothing() {
+        let fed = Federation::start(true).await;
+        let v1 = fed.child(V1).await;
+        let v2 = fed.child(V2).await;
+
+        // Case 1 goes up and is read; v1 keeps the node's custody receipt and report.
+        let offer = v1.make_offer(id(1), Modality::Ecg, Urgency::Urgent, fed.ecg.clone());
+        v1.send(&Message::CaseOffer(offer)).await.unwrap();
+        let Some(Message::CustodyReceipt(custody)) =
+            v1.wait_for(WAIT, |m| matches!(m, Message::CustodyReceipt(_))).await
+        else {
+            panic!("no custody receipt")
+        };
+        let Some(Message::ReportDelivery(delivery)) =
+            v1.wait_for(WAIT, |m| matches!(m, Message::ReportDelivery(_))).await
+        else {
+            panic!("no report for case 1")
+        };
+        let ack = ReportReceipt {
+            case_id: id(1),
+            receiver: V1.into(),
+            report_hash: delivery.report.hash(),
+            at: node::view::now(),
+        };
+        let ack = SignedEnvelope::sign(v1.signing_key(), content_type::REPORT_RECEIPT, &ack).unwrap();
+        v1.send(&Message::ReportReceipt(ack.clone())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = fed.county.show(id(1)).await.unwrap().unwrap();
+        let metrics = |f: &node::daemon::Running| {
+            (
+                f.metrics.custody_taken.load(std::sync::atomic::Ordering::Relaxed),
+                f.metrics.reports_signed.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+        let counts = metrics(&fed.county);
+
+        // 1. The node's own custody receipt played back to it: not signed by the sender.
+        v1.send(&Message::CustodyReceipt(custody.clone())).await.unwrap();
+        rejected(&v1, &[RejectCode::BadSignature, RejectCode::UnknownCase]).await;
+        // 2. The report receipt again, and again from another child.
+        v1.send(&Message::ReportReceipt(ack.clone())).await.unwrap();
+        v2.send(&Message::ReportReceipt(ack.clone())).await.unwrap();
+        rejected(&v2, &[RejectCode::BadSignature]).await;
+        // 3. The node's report delivered back up to it.
+        v1.send(&Message::ReportDelivery(delivery.clone())).await.unwrap();
+        rejected(&v1, &[RejectCode::NotCustodian]).await;
+        // 4. The case offered again (same bytes): idempotent, no second copy.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = fed.county.show(id(1)).await.unwrap().unwrap();
+        assert_eq!(
+            (after.status.as_str(), after.report.is_some(), after.trail.len()),
+            (before.status.as_str(), before.report.is_some(), before.trail.len()),
+            "replays changed case 1"
+        );
+        assert_eq!(metrics(&fed.county), counts, "no new custody or report from replays");
+
+        fed.good_case(&v2, id(3)).await;
+        fed.assert_holds_only(&[id(1), id(3)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayed_recalls_change_nothing() {
+        let fed = Federation::start(false).await;
+        let v1 = fed.child(V1).await;
+        let v2 = fed.child(V2).await;
+        // Case 2 is recalled by its origin; the recall replayed, replayed by
+        // another child, and a recall for a case the node never saw.
+        let offer2 = v1.make_offer(id(2), Modality::Ecg, Urgency::Urgent, fed.ecg.clone());
+        assert!(v1.offer_until_receipt(offer2.clone(), WAIT).await.is_some(), "custody receipt for case 2");
+        let recall = Recall { case_id: id(2), origin: V1.into(), reason: "duplicate".into(), at: node::view::now() };
+        let recall = SignedEnvelope::sign(v1.signing_key(), content_type::RECALL, &recall).unwrap();
+        v1.send(&Message::Recall(recall.clone())).await.unwrap();
+        let recalled = async {
+            for _ in 0..100 {
+                if fed.county.show(id(2)).await.unwrap().unwrap().status.contains("recalled") {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        };
+        assert!(recalled.await, "{:?}", fed.county.show(id(2)).await.unwrap().unwrap().status);
+        let recalled_view = fed.county.show(id(2)).await.unwrap().unwrap();
+        v1.send(&Message::Recall(recall.clone())).await.unwrap();
+        v2.send(&Message::Recall(recall.clone())).await.unwrap();
+        rejected(&v2, &[RejectCode::NotCustodian]).await;
+        let unknown = Recall { case_id: id(7), origin: V1.into(), reason: "x".into(), at: node::view::now() };
+        let unknown = SignedEnvelope::sign(v1.signing_key(), content_type::RECALL, &unknown).unwrap();
+        v1.send(&Message::Recall(unknown)).await.unwrap();
+        rejected(&v1, &[RejectCode::UnknownCase]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let again = fed.county.show(id(2)).await.unwrap().unwrap();
+        assert_eq!((again.status, again.updated_at_ms), (recalled_view.status, recalled_view.updated_at_ms));
+        // A recalled case offered again is refused, not revived.
+        v1.send(&Message::CaseOffer(offer2)).await.unwrap();
+        rejected(&v1, &[RejectCode::Recalled]).await;
+
+        fed.good_case(&v2, id(3)).await;
+        fed.assert_holds_only(&[id(2), id(3)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offers_signed_by_another_node_or_naming_another_receiver_are_refused() {
+        let fed = Federation::start(false).await;
+        let v1 = fed.child(V1).await;
+        let other = fed.key_of(V2);
+        let offer = |n: u8, tamper: &dyn Fn(&mut node::loadgen::OfferParts)| {
+            v1.make_offer_with(id(n), Modality::Ecg, Urgency::Urgent, fed.ecg.clone(), |p| tamper(p))
+        };
+        let attacks: Vec<(&str, CaseOffer, &[RejectCode])> = vec![
+            (
+                "hop signed by another node",
+                offer(10, &|p| p.hop_key = other.clone()),
+                &[RejectCode::Malformed, RejectCode::BadSignature],
+            ),
+            (
+                "manifest of this origin signed by another node",
+                offer(11, &|p| p.manifest_key = other.clone()),
+                &[RejectCode::BadSignature],
+            ),
+            ("hop naming another receiver", offer(12, &|p| p.hop.to = SIBLING_COUNTY.into()), &[RejectCode::Malformed]),
+            (
+                "hop from another node, signed by it",
+                offer(13, &|p| {
+                    p.hop.from = V2.into();
+                    p.hop_key = other.clone();
+                }),
+                &[RejectCode::Malformed],
+            ),
+            ("hop for another case", offer(14, &|p| p.hop.case_id = id(99)), &[RejectCode::Malformed]),
+        ];
+        for (what, offer, codes) in attacks {
+            v1.send(&Message::CaseOffer(offer)).await.unwrap();
+            let r = rejected(&v1, codes).await;
+            eprintln!("{what}: refused {:?} ({})", r.code, r.detail);
+        }
+        fed.good_case(&v1, id(1)).await;
+        fed.assert_holds_only(&[id(1)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parent_or_sibling_connecting_as_a_child_is_refused_at_hello() {
+        let fed = Federation::start(false).await;
+        for (name, tier) in [(SIBLING_COUNTY, Tier::County), (CITY, Tier::City)] {
+            match fed.connect_as(name, tier).await {
+                Err(TransportError::Refused { code, detail, .. }) => {
+                    assert_eq!(code, RejectCode::WrongDirection, "{name}: {detail}")
+                }
+                Err(e) => panic!("{name}: refused for the wrong reason: {e}"),
+                Ok(_) => panic!("{name} ({tier}) linked as a child of a county"),
+            }
+        }
+        // A village claiming in its hello to be a higher tier than its certificate says.
+        match fed.connect_as(V1, Tier::County).await {
+            Err(TransportError::Refused { code, .. }) => assert_eq!(code, RejectCode::IdentityMismatch),
+            Err(e) => panic!("refused for the wrong reason: {e}"),
+            Ok(_) => panic!("a village claiming county tier linked"),
+        }
+        assert!(logged("link refused").await);
+        let v1 = fed.child(V1).await;
+        fed.good_case(&v1, id(1)).await;
+        fed.assert_holds_only(&[id(1)]).await;
+        fed.county.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_report_for_a_case_the_node_never_sent_is_refused() {
+        let fed = Federation::start(false).await;
+        let v1 = fed.child(V1).await;
+        fed.good_case(&v1, id(1)).await;
+        let forged = |case: CaseId| {
+            let report = Report {
+                case_id: case,
+                node: V1.into(),
+                tier: Tier::Village,
+                reader: Reader::Model { model: "forged".into(), version: "0".into() },
+                machine_made: true,
+                labels: vec![],
+                fields: vec![],
+                text: "normal".into(),
+                signed_at: node::view::now(),
+            };
+            let report = SignedEnvelope::sign(v1.signing_key(), content_type::REPORT, &report).unwrap();
+            Message::ReportDelivery(ReportDelivery { case_id: case, report, trail: vec![], findings: vec![] })
+        };
+        // For a case the node never heard of.
+        v1.send(&forged(id(5))).await.unwrap();
+        rejected(&v1, &[RejectCode::UnknownCase]).await;
+        // For a case the node holds but never sent to this child (the child sent it up).
+        v1.send(&forged(id(1))).await.unwrap();
+        rejected(&v1, &[RejectCode::NotCustodian]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(fed.county.show(id(1)).await.unwrap().unwrap().report.is_none(), "forged report stored");
+        assert_eq!(fed.county.metrics.reports_at_origin.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+        fed.good_case(&v1, id(2)).await;
+        fed.assert_holds_only(&[id(1), id(2)]).await;
+        fed.county.shutdown().await.unwrap();
     }
 }

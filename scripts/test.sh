@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need that cargo cannot fetch,
+# then runs every test of the workspace.
+#
+# - dcmtk: a standard DICOM SCU (storescu, echoscu) for the C-STORE receiver tests,
+#   from Debian's packages (needs root or sudo, as on the project's machines and CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v storescu >/dev/null 2>&1; then
+  echo "== installing dcmtk (DICOM test peer)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq dcmtk >/dev/null
+fi
+
+cargo test --workspace "$@"
