@@ -451,6 +451,14 @@ impl Harness {
                 }
                 if let Some(rep) = &r.report {
                     reports.entry(id).or_default().insert(rep.hash());
+                    // A report held above the origin is on its way down or acknowledged.
+                    if r.came_from.is_some()
+                        && !matches!(r.report_down, crate::ReportDown::Pending { .. } | crate::ReportDown::Acked { .. })
+                    {
+                        problems.push(format!(
+                            "case {id}: the report at {name} is neither being delivered nor acknowledged"
+                        ));
+                    }
                 }
                 if r.status.holds_custody() {
                     *custody.entry(id).or_default() += 1;

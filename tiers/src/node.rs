@@ -1053,7 +1053,7 @@ impl Node {
         Ok(())
     }
 
-    fn on_report_receipt(&mut self, _now: Millis, peer: &Peer, env: SignedEnvelope) -> Result<(), PeerError> {
+    fn on_report_receipt(&mut self, now: Millis, peer: &Peer, env: SignedEnvelope) -> Result<(), PeerError> {
         let receipt: ReportReceipt = match self.open_from(&env, content_type::REPORT_RECEIPT, &peer.public_key) {
             Ok(r) => r,
             Err(e) => return Err(self.refuse(&peer.name, None, e.reject_code(), format!("report receipt: {e}"))),
@@ -1072,8 +1072,8 @@ impl Node {
         if matches {
             let case = self.cases.get_mut(&id).expect("present");
             case.report_down = ReportDown::Acked { to: peer.name.clone(), receipt: env };
-            case.updated_at = _now;
-            self.persist(_now, id);
+            case.updated_at = now;
+            self.persist(now, id);
             self.rearm(id);
         }
         Ok(())
