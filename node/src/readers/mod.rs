@@ -9,11 +9,13 @@
 //! network, the store or the core; they only read.
 
 pub mod ecg;
+pub mod wfdb;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub use ecg::{Ecg, Lead, read_dicom_ecg, read_dicom_ecg_file};
+pub use wfdb::{read_scipy_ecg, read_scipy_ecg_file, read_wfdb_record};
 
 /// Largest file any reader loads into memory whole (DICOM objects, WFDB
 /// signal files). Slides are read tile by tile and are not bound by this.
