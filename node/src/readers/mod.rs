@@ -9,12 +9,14 @@
 //! network, the store or the core; they only read.
 
 pub mod ecg;
+pub mod image;
 pub mod wfdb;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub use ecg::{Ecg, Lead, read_dicom_ecg, read_dicom_ecg_file};
+pub use image::{DicomImage, Window, read_dicom_image, read_dicom_image_file};
 pub use wfdb::{read_scipy_ecg, read_scipy_ecg_file, read_wfdb_record};
 
 /// Largest file any reader loads into memory whole (DICOM objects, WFDB
@@ -92,6 +94,19 @@ pub(crate) fn parse_dicom(bytes: &[u8]) -> Result<dicom_object::DefaultDicomObje
         .read_preamble(dicom_object::file::ReadPreamble::Never)
         .from_reader(from_magic)
         .map_err(|e| ReadError::malformed(FORMAT, e.to_string()))
+}
+
+/// A DICOM attribute as text, without padding; `None` if absent or empty.
+pub(crate) fn dicom_text(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
+    let e = obj.element_opt(tag).ok()??;
+    let s = e.to_str().ok()?;
+    let s = s.trim_matches(['\0', ' ']);
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// A DICOM attribute as a number (the first value of a multi-valued one).
+pub(crate) fn dicom_number(obj: &dicom_object::InMemDicomObject, tag: dicom_core::Tag) -> Option<f64> {
+    obj.element_opt(tag).ok()??.to_float64().ok()
 }
 
 #[cfg(test)]
