@@ -10,6 +10,7 @@
 
 pub mod ecg;
 pub mod image;
+pub mod slide;
 pub mod wfdb;
 
 use std::io::Read;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use ecg::{Ecg, Lead, read_dicom_ecg, read_dicom_ecg_file};
 pub use image::{DicomImage, Window, read_dicom_image, read_dicom_image_file};
+pub use slide::{Level, Slide, Tile};
 pub use wfdb::{read_scipy_ecg, read_scipy_ecg_file, read_wfdb_record};
 
 /// Largest file any reader loads into memory whole (DICOM objects, WFDB
