@@ -185,7 +185,12 @@ pub const CHANNELS_MAX: usize = 512;
 /// 32-bit SL/UL, channels interleaved.
 pub fn read_dicom_ecg(bytes: &[u8]) -> Result<Ecg, ReadError> {
     let obj = parse_dicom(bytes)?;
-    let groups = seq(&obj, tags::WAVEFORM_SEQUENCE, "Waveform Sequence")?;
+    ecg_from_dicom(&obj)
+}
+
+/// [`read_dicom_ecg`] on an object already parsed.
+pub(crate) fn ecg_from_dicom(obj: &InMemDicomObject) -> Result<Ecg, ReadError> {
+    let groups = seq(obj, tags::WAVEFORM_SEQUENCE, "Waveform Sequence")?;
     if groups.is_empty() {
         return Err(ReadError::malformed(FORMAT, "the Waveform Sequence is empty"));
     }

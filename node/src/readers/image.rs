@@ -157,10 +157,14 @@ pub(crate) fn box_resize(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize
 
 /// Reads the first frame of a DICOM image (a Part-10 file in memory).
 pub fn read_dicom_image(bytes: &[u8]) -> Result<DicomImage, ReadError> {
-    let obj = parse_dicom(bytes)?;
-    let rows = required_u32(&obj, tags::ROWS, "Rows")?;
-    let columns = required_u32(&obj, tags::COLUMNS, "Columns")?;
-    let samples_per_pixel = number(&obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1.0);
+    image_from_dicom(&parse_dicom(bytes)?)
+}
+
+/// [`read_dicom_image`] on an object already parsed.
+pub(crate) fn image_from_dicom(obj: &dicom_object::DefaultDicomObject) -> Result<DicomImage, ReadError> {
+    let rows = required_u32(obj, tags::ROWS, "Rows")?;
+    let columns = required_u32(obj, tags::COLUMNS, "Columns")?;
+    let samples_per_pixel = number(obj, tags::SAMPLES_PER_PIXEL).unwrap_or(1.0);
     if samples_per_pixel != 1.0 && samples_per_pixel != 3.0 {
         return Err(ReadError::unsupported(FORMAT, format!("{samples_per_pixel} samples per pixel (1 or 3)")));
     }
@@ -179,7 +183,7 @@ pub fn read_dicom_image(bytes: &[u8]) -> Result<DicomImage, ReadError> {
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err(ReadError::malformed(FORMAT, "no Pixel Data"));
     }
-    let number_of_frames = match number(&obj, tags::NUMBER_OF_FRAMES) {
+    let number_of_frames = match number(obj, tags::NUMBER_OF_FRAMES) {
         Some(n) if n >= 1.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX) => n as u32,
         Some(n) => return Err(ReadError::malformed(FORMAT, format!("Number of Frames {n}"))),
         None => 1,
@@ -212,11 +216,11 @@ pub fn read_dicom_image(bytes: &[u8]) -> Result<DicomImage, ReadError> {
         columns,
         samples_per_pixel,
         pixels: frame,
-        photometric_interpretation: text(&obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
-        modality: text(&obj, tags::MODALITY),
-        body_part_examined: text(&obj, tags::BODY_PART_EXAMINED),
-        view_position: text(&obj, tags::VIEW_POSITION),
-        window: match (number(&obj, tags::WINDOW_CENTER), number(&obj, tags::WINDOW_WIDTH)) {
+        photometric_interpretation: text(obj, tags::PHOTOMETRIC_INTERPRETATION).unwrap_or_default(),
+        modality: text(obj, tags::MODALITY),
+        body_part_examined: text(obj, tags::BODY_PART_EXAMINED),
+        view_position: text(obj, tags::VIEW_POSITION),
+        window: match (number(obj, tags::WINDOW_CENTER), number(obj, tags::WINDOW_WIDTH)) {
             (Some(c), Some(w)) if c.is_finite() && w.is_finite() && w > 0.0 => {
                 Some(Window { center: c as f32, width: w as f32 })
             }
@@ -224,7 +228,7 @@ pub fn read_dicom_image(bytes: &[u8]) -> Result<DicomImage, ReadError> {
         },
         number_of_frames,
         transfer_syntax,
-        sop_class_uid: text(&obj, tags::SOP_CLASS_UID).unwrap_or_default(),
+        sop_class_uid: text(obj, tags::SOP_CLASS_UID).unwrap_or_default(),
     })
 }
 
