@@ -116,6 +116,9 @@ pub struct Config {
     /// A watched inbox folder (optional).
     #[serde(default)]
     pub inbox: Option<InboxConfig>,
+    /// The libp2p control plane (optional): admission, adverts, CRL gossip, discovery.
+    #[serde(default)]
+    pub control: Option<crate::control_plane::ControlConfig>,
 }
 
 /// A configuration that cannot be used, with what and why.
