@@ -87,6 +87,7 @@ pub(super) async fn start(
             }
         }
     }));
+    background.push(tokio::spawn(watch_crl_files(parts.config.tls.crls.clone(), parts.tx.clone())));
     let data_addr = parts.control.data_addr.or((!parts.data_addr.ip().is_unspecified()).then_some(parts.data_addr));
     Ok(ControlGlue {
         handle,
@@ -100,6 +101,43 @@ pub(super) async fn start(
         parent_lost: false,
         alternates: BTreeMap::new(),
     })
+}
+
+/// How often the CRL files named in `[tls] crls` are checked for a newer version.
+pub(super) const CRL_FILE_POLL: Duration = Duration::from_secs(2);
+/// Largest CRL file read, in bytes.
+const CRL_FILE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// Watches the configured CRL files: when one changes (an operator dropped in the
+/// CA's new CRL), it is loaded like an injected CRL, so it is gossiped from here.
+async fn watch_crl_files(paths: Vec<std::path::PathBuf>, tx: mpsc::Sender<Input>) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Vec<Option<std::time::SystemTime>> = paths.iter().map(|p| modified(p)).collect();
+    loop {
+        tokio::time::sleep(CRL_FILE_POLL).await;
+        for (path, last) in paths.iter().zip(seen.iter_mut()) {
+            let now = modified(path);
+            if now.is_none() || now == *last {
+                continue;
+            }
+            *last = now;
+            let too_big = std::fs::metadata(path).map(|m| m.len() > CRL_FILE_BYTES_MAX).unwrap_or(true);
+            let pem = if too_big { None } else { std::fs::read_to_string(path).ok() };
+            let Some(pem) = pem else {
+                tracing::warn!(path = %path.display(), "CRL file changed but could not be read (or is over 4 MiB)");
+                continue;
+            };
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if tx.send(Input::LoadCrl(pem, reply)).await.is_err() {
+                return;
+            }
+            match answer.await {
+                Ok(Ok(issuer)) => tracing::info!(path = %path.display(), %issuer, "CRL file reloaded"),
+                Ok(Err(e)) => tracing::warn!(path = %path.display(), "CRL file refused: {e}"),
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 impl Core {

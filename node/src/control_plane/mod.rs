@@ -684,3 +684,145 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::admission::{AdmissionError, admit};
+    use super::discovery::{Directory, choose_alternate};
+    use super::gossip::VerifiedAdvert;
+    use certs::ca::{CertificateAuthority, IntermediateOptions, RootOptions, Validity};
+    use certs::keys::NodeCredentials;
+    use certs::verify::{PeerIdentity, TrustStore};
+    use federation_proto::{CapacityAdvert, Millis, SignedEnvelope, Tier, content_type};
+
+    struct Pki {
+        _dir: tempfile::TempDir,
+        henan: CertificateAuthority,
+        trust: TrustStore,
+    }
+
+    fn pki(region: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut root = CertificateAuthority::init_root(&dir.path().join("root"), &RootOptions::new(region)).unwrap();
+        let henan = root
+            .issue_intermediate(&dir.path().join("henan"), &IntermediateOptions::new("henan.cn", Tier::Provincial))
+            .unwrap();
+        let trust = TrustStore::from_root_pem(&root.root_pem()).unwrap();
+        Pki { _dir: dir, henan, trust }
+    }
+
+    fn node(pki: &mut Pki, name: &str, tier: Tier) -> (NodeCredentials, ed25519_dalek::SigningKey) {
+        let (key_pem, csr) = certs::enrol::generate_key_and_csr(&name.into(), tier).unwrap();
+        let issued = pki.henan.sign_csr(&csr, tier, Validity::Days(30)).unwrap();
+        (
+            NodeCredentials::from_pem(&issued.chain_pem, &key_pem).unwrap(),
+            certs::keys::signing_key_from_pem(&key_pem).unwrap(),
+        )
+    }
+
+    fn libp2p_peer_id(key: &ed25519_dalek::SigningKey) -> String {
+        libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes()).unwrap().public().to_peer_id().to_base58()
+    }
+
+    #[test]
+    fn admission_needs_a_valid_chain_whose_key_is_the_connections_peer_id() {
+        let mut p = pki("cn");
+        let (county, county_key) = node(&mut p, "dengfeng.zhengzhou.henan.cn", Tier::County);
+        let (_, other_key) = node(&mut p, "gongyi.zhengzhou.henan.cn", Tier::County);
+        // One key, one identity: the swarm's PeerId is the certificate's.
+        let id = admit(&p.trust, &county.chain, &libp2p_peer_id(&county_key)).unwrap();
+        assert_eq!(id.name.as_str(), "dengfeng.zhengzhou.henan.cn");
+        // A valid certificate presented over someone else's connection.
+        let err = admit(&p.trust, &county.chain, &libp2p_peer_id(&other_key)).unwrap_err();
+        assert!(matches!(err, AdmissionError::PeerIdMismatch { .. }), "{err}");
+        // A chain from another federation's root.
+        let mut foreign = pki("cn");
+        let (stranger, stranger_key) = node(&mut foreign, "dengfeng.zhengzhou.henan.cn", Tier::County);
+        let err = admit(&p.trust, &stranger.chain, &libp2p_peer_id(&stranger_key)).unwrap_err();
+        assert!(matches!(err, AdmissionError::Certificate(_)), "{err}");
+        assert!(!err.is_revocation());
+    }
+
+    fn entry(p: &mut Pki, name: &str, tier: Tier, now: Millis, ttl: u64) -> VerifiedAdvert {
+        let (creds, key) = node(p, name, tier);
+        let origin: PeerIdentity = p.trust.identity_of_peer(&creds.chain).unwrap();
+        let advert = CapacityAdvert {
+            node: name.into(),
+            tier,
+            issued_at: now,
+            valid_until: now.saturating_add(ttl),
+            capacity: vec![],
+        };
+        let envelope = SignedEnvelope::sign(&key, content_type::ADVERT, &advert).unwrap();
+        VerifiedAdvert { origin, advert, envelope, data_addr: Some("127.0.0.1:7400".parse().unwrap()) }
+    }
+
+    #[test]
+    fn alternate_is_the_lowest_higher_tier_whose_region_holds_this_node() {
+        let mut p = pki("cn");
+        let now = Millis(1_000_000);
+        let (me_creds, _) = node(&mut p, "gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Township);
+        let me = p.trust.identity_of_peer(&me_creds.chain).unwrap();
+        let mut dir = Directory::default();
+        for (name, tier, ttl) in [
+            ("dengfeng.zhengzhou.henan.cn", Tier::County, 60_000), // the dead parent
+            ("gongyi.zhengzhou.henan.cn", Tier::County, 60_000),   // sibling county: region zhengzhou
+            ("zhengzhou.henan.cn", Tier::City, 60_000),            // also holds me, but higher
+            ("yichuan.luoyang.henan.cn", Tier::County, 60_000),    // another city's region
+            ("xinmi.zhengzhou.henan.cn", Tier::County, 0),         // advert expired
+            ("dajindian.dengfeng.zhengzhou.henan.cn", Tier::Township, 60_000), // same tier
+        ] {
+            dir.record(&entry(&mut p, name, tier, now, ttl));
+        }
+        let exclude = vec!["dengfeng.zhengzhou.henan.cn".into()];
+        let chosen = choose_alternate(&me, &dir, &exclude, now).unwrap();
+        assert_eq!(chosen.identity.name.as_str(), "gongyi.zhengzhou.henan.cn");
+        dir.forget(&"gongyi.zhengzhou.henan.cn".into());
+        let chosen = choose_alternate(&me, &dir, &exclude, now).unwrap();
+        assert_eq!(chosen.identity.name.as_str(), "zhengzhou.henan.cn");
+    }
+
+    #[test]
+    fn an_advert_is_believed_only_from_its_certified_author_with_its_certified_claims() {
+        use super::gossip::{AdvertError, verify_advert};
+        let mut p = pki("cn");
+        let now = Millis(1_000_000);
+        let (creds, key) = node(&mut p, "gongyi.zhengzhou.henan.cn", Tier::County);
+        let (_, other_key) = node(&mut p, "xinmi.zhengzhou.henan.cn", Tier::County);
+        let chain: Vec<serde_bytes::ByteBuf> =
+            creds.chain.iter().map(|c| serde_bytes::ByteBuf::from(c.to_vec())).collect();
+        let source = libp2p_peer_id(&key);
+        let advert = |name: &str, tier| CapacityAdvert {
+            node: name.into(),
+            tier,
+            issued_at: now,
+            valid_until: now.saturating_add(1_000),
+            capacity: vec![],
+        };
+        let sign = |k: &ed25519_dalek::SigningKey, a: &CapacityAdvert| {
+            SignedEnvelope::sign(k, content_type::ADVERT, a).unwrap()
+        };
+        let good = sign(&key, &advert("gongyi.zhengzhou.henan.cn", Tier::County));
+        assert!(verify_advert(&p.trust, &source, &chain, &good, None, now).is_ok());
+        let check = |source: &str, env: &SignedEnvelope, at: Millis| {
+            verify_advert(&p.trust, source, &chain, env, None, at).unwrap_err()
+        };
+        assert!(matches!(check(&libp2p_peer_id(&other_key), &good, now), AdvertError::SourceMismatch(..)));
+        assert!(matches!(
+            check(&source, &sign(&other_key, &advert("gongyi.zhengzhou.henan.cn", Tier::County)), now),
+            AdvertError::WrongSigner(_)
+        ));
+        assert!(matches!(
+            check(&source, &sign(&key, &advert("gongyi.zhengzhou.henan.cn", Tier::City)), now),
+            AdvertError::ClaimMismatch { .. }
+        ));
+        assert!(matches!(
+            check(&source, &sign(&key, &advert("xinmi.zhengzhou.henan.cn", Tier::County)), now),
+            AdvertError::ClaimMismatch { .. }
+        ));
+        let mut bytes = good.as_bytes().to_vec();
+        *bytes.last_mut().unwrap() ^= 1;
+        assert!(matches!(check(&source, &SignedEnvelope::from_bytes(bytes), now), AdvertError::BadSignature(_)));
+        assert!(matches!(check(&source, &good, now.saturating_add(1_000)), AdvertError::Expired(_)));
+    }
+}

@@ -56,6 +56,11 @@ impl Fed {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan();
         let mut configs = node::demo::provision(dir.path(), &plan).unwrap();
+        // The root node starts with the Henan CA's current CRL (revoking nothing),
+        // from a file it watches; peers receive it at admission.
+        let crl = certs::ca::CertificateAuthority::open(&dir.path().join("ca/henan")).unwrap().crl(7).unwrap();
+        std::fs::write(dir.path().join("henan-crl.pem"), crl).unwrap();
+        configs[0].tls.crls = vec![dir.path().join("henan-crl.pem")];
         let mut nodes: BTreeMap<String, Running> = BTreeMap::new();
         for (p, config) in plan.iter().zip(configs.iter_mut()) {
             let mut parents: Vec<&str> = p.parent.as_deref().into_iter().collect();
@@ -80,6 +85,26 @@ impl Fed {
             nodes.insert(p.name.clone(), running);
         }
         Fed { dir, nodes }
+    }
+
+    /// Waits (bounded) until every node but `except` holds a Henan CRL numbered
+    /// `number`; returns when each got it, measured from `start`.
+    async fn wait_for_crl(&self, number: &str, except: &str, start: Instant) -> BTreeMap<String, Duration> {
+        let mut reached = BTreeMap::new();
+        while reached.len() < self.nodes.len() - 1 {
+            for (name, n) in &self.nodes {
+                if reached.contains_key(name) || name == except {
+                    continue;
+                }
+                let status = n.control_plane.as_ref().unwrap().status().await.unwrap();
+                if status.crls.iter().any(|(issuer, n)| issuer.contains("henan") && n == number) {
+                    reached.insert(name.clone(), start.elapsed());
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "CRL {number} reached only {reached:?} within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        reached
     }
 
     fn node(&self, name: &str) -> &Running {
@@ -198,23 +223,11 @@ async fn revocation_issued_at_the_root_reaches_every_node_and_cuts_the_node_off_
     let summary = certs::profile::CertSummary::from_der(&certs::profile::pem_certificates(&chain).unwrap()[0]).unwrap();
     henan.revoke(&summary.serial, certs::ca::RevokeReason::KeyCompromise).unwrap();
     let crl = henan.crl(7).unwrap();
+    let number = crl_number(&fed, &crl);
     let start = Instant::now();
     fed.node(INT).load_crl(crl).await.unwrap().unwrap();
     // Every member but the revoked one (whose peers may cut it off before it hears).
-    let mut reached = BTreeMap::new();
-    while reached.len() < fed.nodes.len() - 1 {
-        for (name, n) in &fed.nodes {
-            if reached.contains_key(name) || name == TOWNSHIP {
-                continue;
-            }
-            let status = n.control_plane.as_ref().unwrap().status().await.unwrap();
-            if status.crls.iter().any(|(issuer, _)| issuer.contains("henan")) {
-                reached.insert(name.clone(), start.elapsed());
-            }
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "CRL reached only {reached:?} within 10 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let reached = fed.wait_for_crl(&number, TOWNSHIP, start).await;
     let slowest = reached.values().max().copied().unwrap();
     eprintln!("revocation reached all {} nodes in {slowest:?}: {reached:?}", reached.len());
 
@@ -242,6 +255,48 @@ async fn revocation_issued_at_the_root_reaches_every_node_and_cuts_the_node_off_
     assert!(cut_off().await, "the revoked township was re-admitted");
     assert!(!links(COUNTY).await.contains(&TOWNSHIP.to_owned()), "the revoked township re-linked");
     assert!(super::logs().contains("control plane: peer refused; disconnecting"));
+    fed.shutdown().await;
+}
+
+/// The CRL number as the nodes report it (checked through a trust store of the root).
+fn crl_number(fed: &Fed, pem: &str) -> String {
+    let root = std::fs::read_to_string(fed.dir.path().join(INT).join("root.pem")).unwrap();
+    let trust = certs::verify::TrustStore::from_root_pem(&root).unwrap();
+    trust.load_crl(pem).unwrap().crl_number.unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_file_replaced_at_the_root_is_gossiped_and_closes_the_revoked_villages_links() {
+    let _serial = SERIAL.lock().await;
+    super::init_logs();
+    let fed = Fed::start(&[]).await;
+    fed.wait_for_adverts(Duration::from_secs(30)).await;
+    // The CRL the root started with reached everyone at admission.
+    let first = crl_number(&fed, &std::fs::read_to_string(fed.dir.path().join("henan-crl.pem")).unwrap());
+    fed.wait_for_crl(&first, "", Instant::now()).await;
+    let village_links =
+        || async { fed.node(TOWNSHIP).status().await.unwrap().links.into_iter().any(|(name, _)| name == VILLAGE) };
+    wait_for(Duration::from_secs(10), "village linked", village_links).await;
+
+    let mut henan = certs::ca::CertificateAuthority::open(&fed.dir.path().join("ca/henan")).unwrap();
+    let chain = std::fs::read_to_string(fed.dir.path().join(VILLAGE).join("node.pem")).unwrap();
+    let summary = certs::profile::CertSummary::from_der(&certs::profile::pem_certificates(&chain).unwrap()[0]).unwrap();
+    henan.revoke(&summary.serial, certs::ca::RevokeReason::AffiliationChanged).unwrap();
+    let crl = henan.crl(7).unwrap();
+    let number = crl_number(&fed, &crl);
+    assert_ne!(number, first);
+    // The operator replaces the file (atomically); the root notices within its poll.
+    let tmp = fed.dir.path().join("henan-crl.pem.new");
+    std::fs::write(&tmp, &crl).unwrap();
+    std::fs::rename(&tmp, fed.dir.path().join("henan-crl.pem")).unwrap();
+    let start = Instant::now();
+    let reached = fed.wait_for_crl(&number, VILLAGE, start).await;
+    eprintln!("CRL file change reached all {} nodes in {:?}", reached.len(), reached.values().max().unwrap());
+    wait_for(Duration::from_secs(5), "township closed its link to the revoked village", || async {
+        !village_links().await
+    })
+    .await;
+    assert!(log_line(&["CRL file reloaded"]));
     fed.shutdown().await;
 }
 
