@@ -393,7 +393,7 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         println!("Federation running; Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }
-    for node in running {
+    for node in running.into_iter().rev() {
         let _ = node.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&tmp);
