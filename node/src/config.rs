@@ -196,6 +196,9 @@ impl Config {
                 )));
             }
         }
+        if let Some(control) = &self.control {
+            control.check().map_err(ConfigError::Invalid)?;
+        }
         for e in &self.experts {
             if e.on_duty > 0 && e.service_min == 0 {
                 return Err(ConfigError::Invalid(format!("experts for {}: service_min must be > 0", e.modality)));

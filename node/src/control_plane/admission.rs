@@ -59,6 +59,9 @@ pub enum AdmissionError {
     /// The peer did not complete admission in time.
     #[error("no admission within {0} ms")]
     Timeout(u64),
+    /// An admitted peer misbehaved (e.g. kept forwarding invalid gossip).
+    #[error("misbehaved: {0}")]
+    Misbehaved(String),
     /// The peer could not be asked (protocol unsupported, connection failed).
     #[error("admission exchange failed: {0}")]
     Exchange(String),

@@ -49,6 +49,9 @@ pub const EVENT_QUEUE_MAX: usize = 1024;
 pub const CONNECTED_PEERS_MAX: usize = 64;
 /// Kademlia protocol name of the federation's DHT.
 pub const KAD_PROTOCOL: &str = "/telemed/kad/1";
+/// Gossip messages an admitted peer may forward that fail verification before it is
+/// disconnected (an honest relay forwards only what it verified).
+pub const REJECTED_GOSSIP_MAX: u32 = 32;
 /// How often the control plane re-dials bootstrap peers and walks the DHT.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -87,6 +90,28 @@ fn default_admission_timeout_ms() -> u64 {
 }
 
 impl ControlConfig {
+    /// Checks what serde cannot: addresses parse, bootstrap peers name their PeerId,
+    /// intervals are positive and an advert outlives the interval it is sent at.
+    pub fn check(&self) -> Result<(), String> {
+        self.listen.parse::<Multiaddr>().map_err(|e| format!("[control] listen `{}`: {e}", self.listen))?;
+        for b in &self.bootstrap {
+            let addr: Multiaddr = b.parse().map_err(|e| format!("[control] bootstrap `{b}`: {e}"))?;
+            if split_p2p(&addr).is_none() {
+                return Err(format!("[control] bootstrap `{b}` must end in /p2p/<PeerId>"));
+            }
+        }
+        if self.advert_interval_ms == 0 || self.admission_timeout_ms == 0 {
+            return Err("[control] advert_interval_ms and admission_timeout_ms must be > 0".into());
+        }
+        if self.advert_ttl_ms <= self.advert_interval_ms {
+            return Err(format!(
+                "[control] advert_ttl_ms ({}) must exceed advert_interval_ms ({}), or adverts lapse between sends",
+                self.advert_ttl_ms, self.advert_interval_ms
+            ));
+        }
+        Ok(())
+    }
+
     /// A control plane on loopback with an ephemeral port (tests and the demo).
     pub fn loopback() -> ControlConfig {
         ControlConfig {
@@ -292,6 +317,8 @@ struct State {
     to_core: mpsc::Sender<FromControl>,
     adverts_accepted: u64,
     gossip_rejected: u64,
+    /// Rejected gossip per admitted peer since it was admitted.
+    rejected_from: HashMap<PeerId, u32>,
     advert_topic: gossipsub::IdentTopic,
     crl_topic: gossipsub::IdentTopic,
 }
@@ -344,6 +371,7 @@ pub async fn start(
         to_core,
         adverts_accepted: 0,
         gossip_rejected: 0,
+        rejected_from: HashMap::new(),
         advert_topic,
         crl_topic,
     };
@@ -490,6 +518,7 @@ impl State {
     fn refuse(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, error: AdmissionError) {
         let name = self.admitted.remove(&peer).map(|a| a.identity.name.to_string());
         self.pending.remove(&peer);
+        self.rejected_from.remove(&peer);
         tracing::warn!(peer = %peer, node = ?name, reason = %error, "control plane: peer refused; disconnecting");
         if error.is_revocation() {
             swarm.behaviour_mut().block.block_peer(peer);
@@ -542,6 +571,7 @@ impl State {
                 message,
             })) => {
                 let verdict = self.validate(swarm, &propagation_source, &message);
+                let rejected = verdict == gossipsub::MessageAcceptance::Reject;
                 if verdict != gossipsub::MessageAcceptance::Accept {
                     self.gossip_rejected += 1;
                 }
@@ -550,6 +580,14 @@ impl State {
                     &propagation_source,
                     verdict,
                 );
+                if rejected && self.admitted.contains_key(&propagation_source) {
+                    let count = self.rejected_from.entry(propagation_source).or_default();
+                    *count += 1;
+                    if *count > REJECTED_GOSSIP_MAX {
+                        let reason = format!("forwarded more than {REJECTED_GOSSIP_MAX} invalid gossip messages");
+                        self.refuse(swarm, propagation_source, AdmissionError::Misbehaved(reason));
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, is_new_peer: true, ..
@@ -824,5 +862,34 @@ mod tests {
         *bytes.last_mut().unwrap() ^= 1;
         assert!(matches!(check(&source, &SignedEnvelope::from_bytes(bytes), now), AdvertError::BadSignature(_)));
         assert!(matches!(check(&source, &good, now.saturating_add(1_000)), AdvertError::Expired(_)));
+    }
+
+    #[test]
+    fn control_section_parses_and_bad_values_are_refused_with_their_name() {
+        let base = r#"
+name = "v1.gaocheng.dengfeng.zhengzhou.henan.cn"
+tier = "village"
+data_dir = "data"
+listen = "127.0.0.1:7401"
+[tls]
+root = "root.pem"
+chain = "node.pem"
+key = "node.key"
+[control]
+listen = "/ip4/0.0.0.0/udp/7500/quic-v1"
+"#;
+        let config: crate::config::Config = toml::from_str(base).unwrap();
+        let control = config.control.clone().unwrap();
+        assert_eq!((control.advert_interval_ms, control.advert_ttl_ms), (30_000, 120_000));
+        config.check().unwrap();
+        let with = |extra: &str| {
+            let c: crate::config::Config = toml::from_str(&format!("{base}{extra}\n")).unwrap();
+            c.check().unwrap_err().to_string()
+        };
+        assert!(with("bootstrap = [\"/ip4/127.0.0.1/udp/7500/quic-v1\"]").contains("/p2p/<PeerId>"));
+        assert!(with("advert_ttl_ms = 1000").contains("advert_ttl_ms"));
+        let bad_listen: crate::config::Config =
+            toml::from_str(&base.replace("/ip4/0.0.0.0/udp/7500/quic-v1", "udp:7500")).unwrap();
+        assert!(bad_listen.check().unwrap_err().to_string().contains("[control] listen"));
     }
 }

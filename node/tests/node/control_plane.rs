@@ -423,9 +423,26 @@ async fn adverts_from_a_peer_not_admitted_or_with_a_bad_signature_are_ignored_an
     assert_eq!(known_everywhere("v09.gaocheng.dengfeng.zhengzhou.henan.cn").await, Vec::<String>::new());
 
     // Control: the same member's correctly signed advert is used, and relayed on.
-    member.publish_advert(&GossipMessage::Advert { chain, advert: good, data_addr: None }).await.unwrap();
+    member
+        .publish_advert(&GossipMessage::Advert { chain: chain.clone(), advert: good, data_addr: None })
+        .await
+        .unwrap();
     wait_for(Duration::from_secs(10), "a good advert reaches every node", || async {
         known_everywhere("v09.gaocheng.dengfeng.zhengzhou.henan.cn").await.len() == fed.nodes.len()
+    })
+    .await;
+    // A member that keeps forwarding invalid gossip is cut off.
+    for i in 0..=node::control_plane::REJECTED_GOSSIP_MAX {
+        let mut body = advert_of(name, Tier::Village);
+        body.issued_at = body.issued_at.saturating_add(u64::from(i) + 1);
+        let mut bytes = SignedEnvelope::sign(&key, content_type::ADVERT, &body).unwrap().as_bytes().to_vec();
+        *bytes.last_mut().unwrap() ^= 0x55;
+        let damaged =
+            GossipMessage::Advert { chain: chain.clone(), advert: SignedEnvelope::from_bytes(bytes), data_addr: None };
+        member.publish_advert(&damaged).await.unwrap();
+    }
+    wait_for(Duration::from_secs(5), "persistent forger disconnected", || async {
+        log_line(&["peer refused; disconnecting", &member_peer, "more than 32 invalid gossip messages"])
     })
     .await;
     outsider.stop();
