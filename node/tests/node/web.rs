@@ -1,0 +1,406 @@
+//! The web UI's security over plain HTTP (no browser): sessions, CSRF, roles,
+//! escaping, login rate limiting. Real daemons with real stores on loopback.
+//! Also the federation fixture the browser test (`browser.rs`) shares.
+
+use federation_proto::{Modality, Tier, Urgency};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use node::config::{ParentConfig, WebConfig};
+use node::daemon::{Running, SubmitRequest};
+use node::demo::{PlannedNode, provision};
+use node::web::auth::{self, Role};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+pub const PROVINCIAL: &str = "hub.henan.cn";
+pub const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
+pub const VILLAGE: &str = "v1.gaocheng.dengfeng.zhengzhou.henan.cn";
+pub const PASSWORD: &str = "correct horse battery";
+
+pub fn web_config() -> WebConfig {
+    WebConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        behind_tls_proxy: false,
+        upload_bytes_max: 16 * 1024 * 1024,
+        session_min: 60,
+    }
+}
+
+/// A running federation for the UI tests. Nodes are shut down by `stop`.
+pub struct Fed {
+    pub _dir: tempfile::TempDir,
+    /// Top tier first.
+    pub nodes: Vec<Running>,
+}
+
+impl Fed {
+    pub fn web(&self, i: usize) -> SocketAddr {
+        self.nodes[i].web_addr.expect("web UI configured")
+    }
+    pub async fn stop(self) {
+        for n in self.nodes {
+            n.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// Starts `chain` (top tier first, each the parent of the next) with the web UI on
+/// every node. ECG experts (real people, not simulated) at the first node. Users:
+/// `dr.wang` (expert), `nurse.chen` (clinician) and `admin` at every node.
+pub async fn federation(chain: &[(&str, Tier)]) -> Fed {
+    let dir = tempfile::tempdir().unwrap();
+    let plan: Vec<PlannedNode> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, (name, tier))| PlannedNode {
+            name: (*name).into(),
+            tier: *tier,
+            parent: (i > 0).then(|| chain[i - 1].0.into()),
+            experts: if i == 0 { vec![(Modality::Ecg, 2)] } else { vec![] },
+        })
+        .collect();
+    let mut configs = provision(dir.path(), &plan).unwrap();
+    let mut nodes: Vec<Running> = Vec::new();
+    for (i, config) in configs.iter_mut().enumerate() {
+        config.simulated_experts = None; // people read these cases, through the UI
+        config.web = Some(web_config());
+        if i > 0 {
+            config.parents =
+                vec![ParentConfig { name: chain[i - 1].0.into(), tier: chain[i - 1].1, addr: nodes[i - 1].addr }];
+        }
+        for (name, role) in [("dr.wang", Role::Expert), ("nurse.chen", Role::Clinician), ("admin", Role::Admin)] {
+            auth::add_user(&config.data_dir, name, role, PASSWORD).unwrap();
+        }
+        nodes.push(node::daemon::start(config.clone()).await.unwrap());
+    }
+    Fed { _dir: dir, nodes }
+}
+
+pub fn ecg_request(urgency: Urgency, question: &str) -> SubmitRequest {
+    SubmitRequest {
+        study: None,
+        files: vec![node::demo::testdata_dir().join("waveform_ecg.dcm")],
+        modality: Modality::Ecg,
+        urgency,
+        question: question.into(),
+        patient: "p-0042".into(),
+        task: None,
+    }
+}
+
+/// Waits (bounded) until `node` holds `n` cases in the given status.
+pub async fn wait_for_status(node: &Running, status: &str, n: usize) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let snap = node.snapshot().await.unwrap();
+        if snap.iter().filter(|c| c.view.status == status).count() >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{n} case(s) never became {status}: {:?}",
+            snap.iter().map(|c| &c.view.status).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// --- a small HTTP client with a cookie --------------------------------------------------
+
+pub struct Http {
+    base: String,
+    port: u16,
+    client: Client<HttpConnector, Full<Bytes>>,
+    pub cookie: Option<String>,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn location(&self) -> &str {
+        self.headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+    /// The first CSRF token in a page's forms.
+    pub fn csrf(&self) -> String {
+        const MARK: &str = r#"name="csrf" value=""#;
+        let at = self.body.find(MARK).expect("a form with a CSRF token") + MARK.len();
+        self.body[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                b' ' => "+".into(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect::<Vec<_>>().join("&")
+}
+
+impl Http {
+    pub fn new(addr: SocketAddr) -> Http {
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        Http { base: format!("http://{addr}"), port: addr.port(), client, cookie: None }
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Answer {
+        let mut req = hyper::Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(c) = &self.cookie {
+            req = req.header("cookie", format!("{}_{}={c}", auth::COOKIE, self.port));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some((ct, bytes)) => {
+                req = req.header("content-type", ct);
+                Full::new(Bytes::from(bytes))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let res = tokio::time::timeout(Duration::from_secs(30), self.client.request(req.body(body).unwrap()))
+            .await
+            .expect("answer within 30 s")
+            .expect("HTTP exchange");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        if let Some(set) = headers.get("set-cookie").and_then(|v| v.to_str().ok())
+            && let Some(v) = set.strip_prefix(&format!("{}_{}=", auth::COOKIE, self.port))
+        {
+            let v = v.split(';').next().unwrap_or("");
+            self.cookie = (!v.is_empty()).then(|| v.to_owned());
+        }
+        let body = String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        Answer { status, headers, body }
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.send("GET", path, &[], None).await
+    }
+
+    pub async fn post_form(&mut self, path: &str, pairs: &[(&str, &str)]) -> Answer {
+        self.send("POST", path, &[], Some(("application/x-www-form-urlencoded", form(pairs).into_bytes()))).await
+    }
+
+    /// Logs in; returns the answer to the login POST.
+    pub async fn login(&mut self, name: &str, password: &str) -> Answer {
+        let page = self.get("/login").await;
+        assert_eq!(page.status, 200);
+        let csrf = page.csrf();
+        self.post_form("/login", &[("csrf", &csrf), ("name", name), ("password", password)]).await
+    }
+}
+
+// --- the tests -----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_and_apis_refuse_requests_without_a_session() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let id = fed.nodes[0].submit(ecg_request(Urgency::Stat, "chest pain")).await.unwrap().unwrap();
+    let mut http = Http::new(fed.web(0));
+    for page in ["/", "/queue", "/clinic", "/admin", &format!("/case/{id}")] {
+        let a = http.get(page).await;
+        assert_eq!((a.status, a.location()), (303, "/login"), "GET {page} without a session");
+    }
+    for api in ["/events", &format!("/case/{id}/attachment/0/ecg.svg")] {
+        assert_eq!(http.get(api).await.status, 401, "GET {api} without a session");
+    }
+    for action in ["claim", "release", "sign", "escalate"] {
+        let a = http.post_form(&format!("/case/{id}/{action}"), &[("csrf", "x")]).await;
+        assert_eq!(a.status, 401, "POST {action} without a session");
+    }
+    let a = http
+        .send("POST", "/clinic/submit", &[], Some(("multipart/form-data; boundary=x", b"--x--\r\n".to_vec())))
+        .await;
+    assert_eq!(a.status, 401, "upload without a session");
+    // A made-up session id is no session.
+    http.cookie = Some("ab".repeat(32));
+    assert_eq!(http.get("/queue").await.location(), "/login");
+    let case = fed.nodes[0].snapshot().await.unwrap();
+    assert_eq!(case[0].view.status, "queued", "nothing changed");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_cookie_is_httponly_samesite_strict_and_random() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let mut http = Http::new(fed.web(0));
+    let a = http.login("dr.wang", PASSWORD).await;
+    assert_eq!((a.status, a.location()), (303, "/"));
+    let set = a.headers.get("set-cookie").unwrap().to_str().unwrap().to_owned();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Path=/"), "{set}");
+    assert!(!set.contains("Secure"), "plain HTTP on loopback: a Secure cookie would never be sent back");
+    let id = http.cookie.clone().unwrap();
+    assert_eq!(id.len(), 64, "256-bit id");
+    // A fresh id after login: the login form's session is not reused.
+    let mut other = Http::new(fed.web(0));
+    other.login("dr.wang", PASSWORD).await;
+    assert_ne!(other.cookie.unwrap(), id);
+    let page = http.get("/queue").await;
+    assert_eq!(page.status, 200);
+    for h in ["content-security-policy", "x-content-type-options", "x-frame-options"] {
+        assert!(page.headers.contains_key(h), "{h} missing");
+    }
+    assert!(page.headers["content-security-policy"].to_str().unwrap().contains("script-src 'self'"));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_without_the_sessions_csrf_token_are_refused() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let id = fed.nodes[0].submit(ecg_request(Urgency::Stat, "chest pain")).await.unwrap().unwrap();
+    wait_for_status(&fed.nodes[0], "queued", 1).await;
+    let mut http = Http::new(fed.web(0));
+    http.login("dr.wang", PASSWORD).await;
+    let real = http.get("/queue").await.csrf();
+    let claim = format!("/case/{id}/claim");
+    assert_eq!(http.post_form(&claim, &[]).await.status, 403, "no token");
+    assert_eq!(http.post_form(&claim, &[("csrf", &"0".repeat(64))]).await.status, 403, "wrong token");
+    let mut other = Http::new(fed.web(0));
+    other.login("dr.wang", PASSWORD).await;
+    let others = other.get("/queue").await.csrf();
+    assert_ne!(others, real);
+    assert_eq!(http.post_form(&claim, &[("csrf", &others)]).await.status, 403, "another session's token");
+    assert_eq!(fed.nodes[0].snapshot().await.unwrap()[0].view.status, "queued", "not claimed");
+    // The header form of the token works for scripts; the right token claims.
+    let a = http
+        .send("POST", &claim, &[("x-csrf-token", &real)], Some(("application/x-www-form-urlencoded", vec![])))
+        .await;
+    assert_eq!((a.status, a.location()), (303, format!("/case/{id}").as_str()));
+    assert_eq!(fed.nodes[0].snapshot().await.unwrap()[0].view.status, "claimed");
+    // Login and logout forms are protected too.
+    let mut anon = Http::new(fed.web(0));
+    anon.get("/login").await;
+    let a = anon.post_form("/login", &[("name", "dr.wang"), ("password", PASSWORD)]).await;
+    assert_eq!(a.status, 403, "login without the form's token");
+    assert_eq!(http.post_form("/logout", &[]).await.status, 403);
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clinician_cannot_claim_or_report_and_an_admin_cannot_claim() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let id = fed.nodes[0].submit(ecg_request(Urgency::Stat, "chest pain")).await.unwrap().unwrap();
+    wait_for_status(&fed.nodes[0], "queued", 1).await;
+    for user in ["nurse.chen", "admin"] {
+        let mut http = Http::new(fed.web(0));
+        assert_eq!(http.login(user, PASSWORD).await.status, 303);
+        let csrf = http.get(&format!("/case/{id}")).await.csrf();
+        for (action, extra) in [("claim", ("x", "")), ("sign", ("conclusion", "normal")), ("escalate", ("reason", "r"))]
+        {
+            let a = http.post_form(&format!("/case/{id}/{action}"), &[("csrf", &csrf), extra]).await;
+            assert_eq!(a.status, 403, "{user} {action}");
+        }
+    }
+    let mut http = Http::new(fed.web(0));
+    http.login("nurse.chen", PASSWORD).await;
+    assert_eq!(http.get("/queue").await.status, 403, "the queue is for experts");
+    assert_eq!(http.get("/admin").await.status, 403, "the admin page is for admins");
+    assert_eq!(fed.nodes[0].snapshot().await.unwrap()[0].view.status, "queued", "still unclaimed");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_in_a_clinical_question_is_shown_as_text() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let evil = r#"<script>alert("xss")</script><img src=x onerror=alert(1)> & "quoted""#;
+    let id = fed.nodes[0].submit(ecg_request(Urgency::Urgent, evil)).await.unwrap().unwrap();
+    wait_for_status(&fed.nodes[0], "queued", 1).await;
+    let mut http = Http::new(fed.web(0));
+    http.login("dr.wang", PASSWORD).await;
+    let escaped = "&lt;script&gt;alert(&quot;xss&quot;)&lt;/script&gt;&lt;img src=x onerror=alert(1)&gt; &amp; &quot;quoted&quot;";
+    for page in ["/queue".to_owned(), format!("/case/{id}")] {
+        let a = http.get(&page).await;
+        assert_eq!(a.status, 200);
+        assert!(a.body.contains(escaped), "{page} shows the question escaped");
+        assert!(!a.body.contains("<script>alert"), "{page} never carries the script as markup");
+        assert!(!a.body.contains("<img src=x"), "{page}");
+    }
+    let mut clinician = Http::new(fed.web(0));
+    clinician.login("nurse.chen", PASSWORD).await;
+    let a = clinician.get("/clinic").await;
+    assert!(a.body.contains(escaped) && !a.body.contains("<script>alert"));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failed_logins_lock_the_name_out_and_are_audited() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let mut http = Http::new(fed.web(0));
+    for _ in 0..auth::LOGIN_FAILURES_MAX {
+        assert_eq!(http.login("dr.wang", "wrong password").await.status, 401);
+    }
+    let a = http.login("dr.wang", PASSWORD).await;
+    assert_eq!(a.status, 429, "locked out even with the right password");
+    let mut admin = Http::new(fed.web(0));
+    assert_eq!(admin.login("admin", PASSWORD).await.status, 303, "another name from the same address still works");
+    let page = admin.get("/admin").await;
+    assert!(page.body.contains("web.login_failed") && page.body.contains("web.login"), "audited");
+    assert!(page.body.contains(PROVINCIAL) && page.body.contains("days left"), "identity and certificate expiry");
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_claims_signs_a_structured_report_and_the_clinic_reads_it() {
+    // Over plain HTTP through a real three-node chain; the browser test does the same
+    // by hand in Chromium.
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial), (COUNTY, Tier::County), (VILLAGE, Tier::Village)]).await;
+    let routine = fed.nodes[2].submit(ecg_request(Urgency::Routine, "routine check")).await.unwrap().unwrap();
+    let stat = fed.nodes[2].submit(ecg_request(Urgency::Stat, "crushing chest pain")).await.unwrap().unwrap();
+    wait_for_status(&fed.nodes[0], "queued", 2).await;
+    let mut expert = Http::new(fed.web(0));
+    expert.login("dr.wang", PASSWORD).await;
+    let queue = expert.get("/queue").await;
+    let (s, r) = (queue.body.find(&stat.to_string()).unwrap(), queue.body.find(&routine.to_string()).unwrap());
+    assert!(s < r, "STAT first, though submitted after the routine case");
+    let csrf = queue.csrf();
+    assert_eq!(expert.post_form(&format!("/case/{stat}/claim"), &[("csrf", &csrf)]).await.status, 303);
+    let page = expert.get(&format!("/case/{stat}")).await;
+    assert!(page.body.contains(r#"id="report""#), "the report editor is open for the claimant");
+    assert!(page.body.contains(VILLAGE) && page.body.contains(COUNTY), "the trail names the hops");
+    let a = expert
+        .post_form(
+            &format!("/case/{stat}/sign"),
+            &[
+                ("csrf", &csrf),
+                ("conclusion", "Inferior STEMI"),
+                ("findings", "ST elevation II, III, aVF\nreciprocal depression aVL"),
+                ("recommendation", "Transfer for PCI"),
+                ("follow_up", "stat"),
+                ("text", "Call the cath lab now."),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let mut clinic = Http::new(fed.web(2));
+    clinic.login("nurse.chen", PASSWORD).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = clinic.get("/clinic").await;
+        if page.body.contains("Call the cath lab now.") {
+            for typed in ["Inferior STEMI", "reciprocal depression aVL", "Transfer for PCI", "expert dr.wang"] {
+                assert!(page.body.contains(typed), "{typed} on the clinic page");
+            }
+            break;
+        }
+        assert!(Instant::now() < end, "the report never reached the clinic page");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fed.stop().await;
+}
