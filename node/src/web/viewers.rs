@@ -14,10 +14,38 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-/// The ECG of a case as an SVG, if the case has a readable ECG attachment.
+/// The index of the case's first ECG attachment the readers can decode, and its SVG.
 pub async fn inline_ecg(ctx: &WebContext, case: &CaseSnapshot) -> Option<String> {
-    let _ = (ctx, case);
+    if case.view.modality != "ecg" {
+        return None;
+    }
+    for n in 0..case.view.attachments.len() {
+        if let Ok(svg) = ecg_of(ctx, case, n).await {
+            return Some(svg);
+        }
+    }
     None
+}
+
+/// Attachment `n` of the case read as an ECG and drawn as 12-lead paper.
+async fn ecg_of(ctx: &WebContext, case: &CaseSnapshot, n: usize) -> Result<String, String> {
+    let (name, _, media) = case.view.attachments.get(n).ok_or("no such attachment")?;
+    let hash = case.attachment_hashes.get(n).ok_or("no such attachment")?;
+    if !ctx.blobs.contains(hash) {
+        return Err("the attachment is not stored here yet".into());
+    }
+    let path = ctx.blobs.path_of(hash);
+    let (media, name) = (media.clone(), name.clone());
+    tokio::task::spawn_blocking(move || {
+        let ecg = match media.as_str() {
+            "application/dicom" => crate::readers::read_dicom_ecg_file(&path).map_err(|e| e.to_string())?,
+            other => return Err(format!("{other} is not an ECG format the viewer reads")),
+        };
+        let leads: Vec<(&str, &[f32])> = ecg.leads.iter().map(|l| (l.name.as_str(), l.millivolts.as_slice())).collect();
+        Ok(super::ecg_svg::render(f64::from(ecg.sample_rate_hz), &leads, &name))
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 pub async fn ecg_svg(
@@ -33,10 +61,9 @@ pub async fn ecg_svg(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let _ = n;
-    match inline_ecg(&app.ctx, &case).await {
-        Some(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, "This attachment is not a readable ECG."),
+    match ecg_of(&app.ctx, &case, n).await {
+        Ok(svg) => ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response(),
+        Err(e) => refuse(StatusCode::NOT_FOUND, &format!("This attachment is not a readable ECG: {e}")),
     }
 }
 
