@@ -50,6 +50,11 @@ impl Fed {
 /// every node. ECG experts (real people, not simulated) at the first node. Users:
 /// `dr.wang` (expert), `nurse.chen` (clinician) and `admin` at every node.
 pub async fn federation(chain: &[(&str, Tier)]) -> Fed {
+    federation_with_experts_at(chain, 0, web_config()).await
+}
+
+/// [`federation`] with the ECG experts at `chain[experts_at]` and this web configuration.
+pub async fn federation_with_experts_at(chain: &[(&str, Tier)], experts_at: usize, web: WebConfig) -> Fed {
     let dir = tempfile::tempdir().unwrap();
     let plan: Vec<PlannedNode> = chain
         .iter()
@@ -58,14 +63,14 @@ pub async fn federation(chain: &[(&str, Tier)]) -> Fed {
             name: (*name).into(),
             tier: *tier,
             parent: (i > 0).then(|| chain[i - 1].0.into()),
-            experts: if i == 0 { vec![(Modality::Ecg, 2)] } else { vec![] },
+            experts: if i == experts_at { vec![(Modality::Ecg, 2)] } else { vec![] },
         })
         .collect();
     let mut configs = provision(dir.path(), &plan).unwrap();
     let mut nodes: Vec<Running> = Vec::new();
     for (i, config) in configs.iter_mut().enumerate() {
         config.simulated_experts = None; // people read these cases, through the UI
-        config.web = Some(web_config());
+        config.web = Some(web.clone());
         if i > 0 {
             config.parents =
                 vec![ParentConfig { name: chain[i - 1].0.into(), tier: chain[i - 1].1, addr: nodes[i - 1].addr }];
@@ -402,5 +407,143 @@ async fn expert_claims_signs_a_structured_report_and_the_clinic_reads_it() {
         assert!(Instant::now() < end, "the report never reached the clinic page");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    fed.stop().await;
+}
+
+/// A multipart body: the given text fields, then files (name, bytes), in order.
+fn multipart(fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "telemedboundary7d1f";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend(format!("--{boundary}\r\ncontent-disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n").as_bytes());
+    }
+    for (name, bytes) in files {
+        body.extend(
+            format!(
+                "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+                 content-type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clinic_upload_submits_a_case_and_refuses_forged_or_oversize_uploads() {
+    let mut web = web_config();
+    web.upload_bytes_max = 1024 * 1024;
+    let fed = federation_with_experts_at(&[(PROVINCIAL, Tier::Provincial)], 0, web).await;
+    let ecg = std::fs::read(node::demo::testdata_dir().join("waveform_ecg.dcm")).unwrap();
+    let mut http = Http::new(fed.web(0));
+    http.login("nurse.chen", PASSWORD).await;
+    let csrf = http.get("/clinic").await.csrf();
+    let fields = [("modality", "ecg"), ("urgency", "urgent"), ("patient", "p-77"), ("question", "syncope, QT?")];
+
+    // Without the token first, nothing is stored and no case is made.
+    let (ct, body) = multipart(&fields, &[("ecg.dcm", &ecg)]);
+    assert_eq!(http.send("POST", "/clinic/submit", &[], Some((&ct, body))).await.status, 403);
+    let (ct, body) = multipart(&[&[("csrf", "f".repeat(64).as_str())][..], &fields].concat(), &[("ecg.dcm", &ecg)]);
+    assert_eq!(http.send("POST", "/clinic/submit", &[], Some((&ct, body))).await.status, 403);
+    // An expert may not submit here.
+    let mut expert = Http::new(fed.web(0));
+    expert.login("dr.wang", PASSWORD).await;
+    let expert_csrf = expert.get("/queue").await.csrf();
+    let (ct, body) = multipart(&[&[("csrf", expert_csrf.as_str())][..], &fields].concat(), &[("ecg.dcm", &ecg)]);
+    assert_eq!(expert.send("POST", "/clinic/submit", &[], Some((&ct, body))).await.status, 403);
+    // Over the configured limit.
+    let big = vec![7u8; 1024 * 1024 + 1];
+    let (ct, body) = multipart(&[&[("csrf", csrf.as_str())][..], &fields].concat(), &[("big.bin", &big)]);
+    assert_eq!(http.send("POST", "/clinic/submit", &[], Some((&ct, body))).await.status, 413);
+    assert!(fed.nodes[0].snapshot().await.unwrap().is_empty(), "no case from a refused upload");
+    let uploads = fed._dir.path().join(PROVINCIAL).join("data/uploads");
+    let left = std::fs::read_dir(&uploads).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "refused uploads leave no files behind");
+
+    // A good one becomes a case holding exactly the uploaded bytes.
+    let (ct, body) = multipart(&[&[("csrf", csrf.as_str())][..], &fields].concat(), &[("ecg.dcm", &ecg)]);
+    let a = http.send("POST", "/clinic/submit", &[], Some((&ct, body))).await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let snap = fed.nodes[0].snapshot().await.unwrap();
+    assert_eq!(snap.len(), 1);
+    let case = &snap[0];
+    assert_eq!(a.location(), format!("/case/{}", case.view.case_id));
+    assert_eq!(
+        (case.view.question.as_str(), case.view.urgency.as_str(), case.view.patient.as_str()),
+        ("syncope, QT?", "urgent", "p-77")
+    );
+    assert_eq!(case.view.attachments[0].1, ecg.len() as u64);
+    assert_eq!(case.view.attachments[0].2, "application/dicom");
+    let page = http.get("/clinic").await;
+    assert!(page.body.contains("syncope, QT?"));
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expert_escalates_with_a_reason_that_the_trail_keeps() {
+    let national = "nhc.cn";
+    let fed =
+        federation_with_experts_at(&[(national, Tier::National), (PROVINCIAL, Tier::Provincial)], 1, web_config())
+            .await;
+    let id = fed.nodes[1].submit(ecg_request(Urgency::Urgent, "broad complex tachycardia")).await.unwrap().unwrap();
+    wait_for_status(&fed.nodes[1], "queued", 1).await;
+    let mut http = Http::new(fed.web(1));
+    http.login("dr.wang", PASSWORD).await;
+    let csrf = http.get(&format!("/case/{id}")).await.csrf();
+    let a = http.post_form(&format!("/case/{id}/escalate"), &[("csrf", &csrf), ("reason", "")]).await;
+    assert_eq!(a.status, 422, "a reason is required");
+    let a = http
+        .post_form(&format!("/case/{id}/escalate"), &[("csrf", &csrf), ("reason", "needs an electrophysiologist")])
+        .await;
+    assert_eq!(a.status, 303, "{}", a.body);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let at_national = fed.nodes[0].snapshot().await.unwrap();
+        if let Some(c) = at_national.iter().find(|c| c.view.case_id == id.to_string()) {
+            let reason = &c.view.trail.last().expect("a hop").reason;
+            assert_eq!(reason, "dr.wang escalated it: needs an electrophysiologist");
+            break;
+        }
+        assert!(Instant::now() < end, "the case never reached the national node");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = http.get(&format!("/case/{id}")).await;
+    assert!(
+        page.body.contains("dr.wang escalated it: needs an electrophysiologist"),
+        "the case page shows why it moved on"
+    );
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_tell_a_logged_in_page_that_the_queue_changed() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let mut http = Http::new(fed.web(0));
+    http.login("dr.wang", PASSWORD).await;
+    let cookie = format!("{}_{}={}", auth::COOKIE, fed.web(0).port(), http.cookie.clone().unwrap());
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let req = hyper::Request::get(format!("http://{}/events", fed.web(0)))
+        .header("cookie", cookie)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let id = fed.nodes[0].submit(ecg_request(Urgency::Stat, "palpitations")).await.unwrap().unwrap();
+    let mut body = res.into_body();
+    let mut seen = String::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(&format!("case.queued {id}")) {
+        assert!(Instant::now() < end, "no queue event within 20 s; got {seen:?}");
+        if let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(5), body.frame()).await
+            && let Ok(data) = frame.into_data()
+        {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(seen.contains("event: case"), "{seen}");
     fed.stop().await;
 }
