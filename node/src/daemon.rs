@@ -498,6 +498,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
             node: config.node_name(),
             tier: config.tier,
             cert_not_after_s: me.not_after.as_secs(),
+            parents: config.parents.iter().map(|p| (p.name.clone(), p.tier.to_string(), p.addr.to_string())).collect(),
             data_dir: config.data_dir.clone(),
             blobs: blobs.clone(),
             control: control.clone(),

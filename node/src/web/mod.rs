@@ -56,6 +56,8 @@ pub struct WebContext {
     pub tier: Tier,
     /// This node's certificate's notAfter, seconds since the Unix epoch.
     pub cert_not_after_s: u64,
+    /// Configured parents (name, tier, address), primary first.
+    pub parents: Vec<(String, String, String)>,
     pub data_dir: PathBuf,
     pub blobs: BlobStore,
     pub control: ControlHandle,

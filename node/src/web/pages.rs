@@ -365,8 +365,22 @@ pub fn admin(ctx: &WebContext, who: &Who, s: &AdminSnapshot, cases: &[CaseSnapsh
             }
             section.links {
                 h2 { "Peers and links" }
-                @if s.status.links.is_empty() { p { "No link is up." } }
-                table { tbody { @for (peer, tier) in &s.status.links { tr { td { (peer) } td { (tier) } td.up { "up" } } } } }
+                table #links {
+                    thead { tr { th { "Peer" } th { "Tier" } th { "Role" } th { "Link" } } }
+                    tbody {
+                        @for (i, (name, tier, addr)) in ctx.parents.iter().enumerate() {
+                            @let up = s.status.links.iter().any(|(n, _)| n == name);
+                            tr {
+                                td { (name) " (" (addr) ")" } td { (tier) }
+                                td { @if i == 0 { "parent" } @else { "alternate parent" } }
+                                td class=(if up { "up" } else { "down warn" }) { @if up { "up" } @else { "down" } }
+                            }
+                        }
+                        @for (peer, tier) in s.status.links.iter().filter(|(n, _)| !ctx.parents.iter().any(|p| &p.0 == n)) {
+                            tr { td { (peer) } td { (tier) } td { "child" } td.up { "up" } }
+                        }
+                    }
+                }
             }
             section.queues {
                 h2 { "Cases held, by status" }

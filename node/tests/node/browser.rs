@@ -85,6 +85,11 @@ async fn screenshot(c: &Client, name: &str) {
 
 async fn login(c: &Client, base: &str, user: &str) {
     c.goto(&format!("{base}/login")).await.unwrap();
+    if let Ok(button) = c.find(Locator::Css("form.logout button")).await {
+        // Someone is logged in here already: log out first (through the form, with its token).
+        button.click().await.unwrap();
+        c.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css("#name")).await.expect("logged out");
+    }
     c.find(Locator::Css("#name")).await.unwrap().send_keys(user).await.unwrap();
     c.find(Locator::Css("#password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
     c.find(Locator::Css("#login")).await.unwrap().click().await.unwrap();
@@ -177,6 +182,16 @@ async fn expert_reads_a_stat_ecg_in_chromium_and_the_village_sees_the_signed_rep
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     screenshot(&c, "4-village-clinic-report.png").await;
+
+    // The provincial hub's admin page: identity, certificate expiry, the child link, audit.
+    login(&c, &hub, "admin").await;
+    c.goto(&format!("{hub}/admin")).await.unwrap();
+    let text = c.find(Locator::Css("main")).await.unwrap().text().await.unwrap();
+    assert!(text.contains("days left"), "certificate expiry: {text}");
+    assert!(text.contains(COUNTY) && text.contains("child"), "the county's link: {text}");
+    assert!(text.contains("case.claimed") && text.contains("dr.wang"), "the claim is audited: {text}");
+    assert!(text.contains("web.login"), "logins are audited");
+    screenshot(&c, "5-admin.png").await;
     let title = js(&c, "return document.title").await;
     assert!(!title.as_str().unwrap().contains("pwned"));
     c.close().await.unwrap();
