@@ -431,6 +431,19 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         println!("\nOne case in full (telemed-node show):\n{}", v.render());
     }
     if !headless {
+        let web_of = |name: &str| {
+            plan.iter().position(|p| p.name == name).and_then(|i| running[i].web_addr).map(|a| format!("http://{a}/"))
+        };
+        if let (Some(hub), Some(village)) = (web_of("hub.henan.cn"), web_of("v01.gaocheng.dengfeng.zhengzhou.henan.cn"))
+        {
+            println!(
+                "\nOpen the consult queue of the provincial hub: {hub}  (log in as {DEMO_EXPERT} / {DEMO_PASSWORD})"
+            );
+            println!(
+                "Open the clinic page of a village:            {village}  (log in as {DEMO_CLINICIAN} / {DEMO_PASSWORD})"
+            );
+            println!("Admin pages: any web UI above, as {DEMO_ADMIN} / {DEMO_PASSWORD}.");
+        }
         println!("Federation running; Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }
