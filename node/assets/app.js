@@ -48,11 +48,11 @@
 
   // Image viewer: window/level re-renders on the server; zoom and pan in the browser.
   document.querySelectorAll(".image-viewer").forEach(function (v) {
-    var img = v.querySelector("img"), form = v.querySelector("form.wl");
+    var img = v.querySelector("img"), form = v.querySelector("form.wl"), stage = v.querySelector(".stage");
     var scale = 1, x = 0, y = 0, drag = null;
     function apply() { img.style.transform = "translate(" + x + "px," + y + "px) scale(" + scale + ")"; img.style.transformOrigin = "0 0"; }
-    v.addEventListener("wheel", function (e) { e.preventDefault(); scale = Math.min(16, Math.max(0.25, scale * (e.deltaY < 0 ? 1.2 : 1 / 1.2))); apply(); });
-    v.addEventListener("mousedown", function (e) { drag = [e.clientX - x, e.clientY - y]; e.preventDefault(); });
+    stage.addEventListener("wheel", function (e) { e.preventDefault(); scale = Math.min(16, Math.max(0.25, scale * (e.deltaY < 0 ? 1.2 : 1 / 1.2))); apply(); });
+    stage.addEventListener("mousedown", function (e) { drag = [e.clientX - x, e.clientY - y]; e.preventDefault(); });
     window.addEventListener("mouseup", function () { drag = null; });
     window.addEventListener("mousemove", function (e) { if (drag) { x = e.clientX - drag[0]; y = e.clientY - drag[1]; apply(); } });
     if (form) form.addEventListener("submit", function (e) {
@@ -62,19 +62,20 @@
     });
   });
 
-  // Slide viewer: tiles of the current level, zoom switches level, drag pans.
+  // Slide viewer: tiles of the current level; zooming in moves to a finer level
+  // (level 0 is full resolution) and past the finest one magnifies; drag pans.
   document.querySelectorAll(".slide-viewer").forEach(function (v) {
     var base = v.getAttribute("data-tiles"), levels = JSON.parse(v.getAttribute("data-levels") || "[]");
-    var tile = Number(v.getAttribute("data-tile-size")) || 256;
-    var layer = v.querySelector(".tiles"), level = levels.length - 1, x = 0, y = 0, drag = null;
+    var layer = v.querySelector(".tiles"), level = levels.length - 1, scale = 1, x = 0, y = 0, drag = null;
     function draw() {
       if (level < 0) return;
-      var L = levels[level]; layer.innerHTML = "";
-      var cols = Math.ceil(L[0] / tile), rows = Math.ceil(L[1] / tile);
-      var w = v.clientWidth, h = v.clientHeight;
+      var L = levels[level], tw = L[2], th = L[3]; layer.innerHTML = "";
+      layer.style.transform = "scale(" + scale + ")";
+      var cols = Math.ceil(L[0] / tw), rows = Math.ceil(L[1] / th);
+      var w = v.clientWidth / scale, h = v.clientHeight / scale;
       for (var ty = 0; ty < rows; ty++) for (var tx = 0; tx < cols; tx++) {
-        var px = tx * tile + x, py = ty * tile + y;
-        if (px > w || py > h || px + tile < 0 || py + tile < 0) continue;
+        var px = tx * tw + x, py = ty * th + y;
+        if (px > w || py > h || px + tw < 0 || py + th < 0) continue;
         var img = document.createElement("img");
         img.src = base + "/" + level + "/" + tx + "/" + ty; img.style.left = px + "px"; img.style.top = py + "px";
         layer.appendChild(img);
@@ -82,12 +83,18 @@
     }
     v.addEventListener("wheel", function (e) {
       e.preventDefault();
-      var next = Math.min(levels.length - 1, Math.max(0, level + (e.deltaY < 0 ? -1 : 1)));
-      if (next !== level) { var f = levels[next][0] / levels[level][0]; x *= f; y *= f; level = next; draw(); }
+      if (e.deltaY < 0) {
+        if (level > 0) { var f = levels[level - 1][0] / levels[level][0]; x *= f; y *= f; level -= 1; }
+        else { scale = Math.min(8, scale * 1.25); }
+      } else {
+        if (scale > 1) { scale = Math.max(1, scale / 1.25); }
+        else if (level < levels.length - 1) { var g = levels[level + 1][0] / levels[level][0]; x *= g; y *= g; level += 1; }
+      }
+      draw();
     });
-    v.addEventListener("mousedown", function (e) { drag = [e.clientX - x, e.clientY - y]; e.preventDefault(); });
-    window.addEventListener("mouseup", function () { if (drag) { drag = null; draw(); } });
-    window.addEventListener("mousemove", function (e) { if (drag) { x = e.clientX - drag[0]; y = e.clientY - drag[1]; layer.style.transform = ""; draw(); } });
+    v.addEventListener("mousedown", function (e) { drag = [e.clientX / scale - x, e.clientY / scale - y]; e.preventDefault(); });
+    window.addEventListener("mouseup", function () { drag = null; });
+    window.addEventListener("mousemove", function (e) { if (drag) { x = e.clientX / scale - drag[0]; y = e.clientY / scale - drag[1]; draw(); } });
     draw();
   });
 })();

@@ -414,7 +414,8 @@ async fn case_page(State(app): State<AppState>, headers: HeaderMap, Path(id): Pa
         Err(r) => return r,
     };
     let ecg = viewers::inline_ecg(&app.ctx, &case).await;
-    Html(pages::case(&app.ctx, &who, &case, ecg.as_deref()).into_string()).into_response()
+    let others = viewers::viewers_of(&app.ctx, &case).await;
+    Html(pages::case(&app.ctx, &who, &case, ecg.as_deref(), &others).into_string()).into_response()
 }
 
 async fn expert_action(app: &App, headers: &HeaderMap, id: &str, csrf: &str, action: ExpertAction) -> Response {

@@ -202,7 +202,13 @@ fn report_view(r: &crate::view::ReportView) -> Markup {
     }
 }
 
-pub fn case(ctx: &WebContext, who: &Who, c: &CaseSnapshot, ecg_svg: Option<&str>) -> Markup {
+pub fn case(
+    ctx: &WebContext,
+    who: &Who,
+    c: &CaseSnapshot,
+    ecg_svg: Option<&str>,
+    viewers: &[(usize, super::viewers::ViewerKind)],
+) -> Markup {
     let v = &c.view;
     let here = c.came_from.is_none();
     let mine = c.claimed_by.as_deref() == Some(who.name.as_str())
@@ -259,6 +265,30 @@ pub fn case(ctx: &WebContext, who: &Who, c: &CaseSnapshot, ecg_svg: Option<&str>
                 } }
                 @if let Some(svg) = ecg_svg {
                     div #ecg.viewer.ecg-viewer { (PreEscaped(svg)) }
+                }
+                @for (n, kind) in viewers {
+                    @match kind {
+                        super::viewers::ViewerKind::Image => {
+                            @let url = format!("/case/{id}/attachment/{n}/image.png");
+                            div.viewer.image-viewer data-attachment=(n) {
+                                form.wl {
+                                    label { "Window centre " input type="number" step="any" name="wc"; }
+                                    label { "width " input type="number" step="any" min="1" name="ww"; }
+                                    button type="submit" { "Apply" }
+                                    span.hint { " Empty: the file's window. Scroll to zoom, drag to pan." }
+                                }
+                                div.stage { img.dicom alt="DICOM image" data-src=(url) src=(url); }
+                            }
+                        }
+                        super::viewers::ViewerKind::Slide(levels) => {
+                            div.viewer.slide-viewer data-attachment=(n)
+                                data-tiles=(format!("/case/{id}/attachment/{n}/tile"))
+                                data-levels=(serde_json::to_string(levels).unwrap_or_default()) {
+                                div.tiles {}
+                                span.hint { "Slide: scroll to change magnification, drag to pan." }
+                            }
+                        }
+                    }
                 }
             }
             @if let Some(r) = &v.report {

@@ -197,3 +197,71 @@ async fn expert_reads_a_stat_ecg_in_chromium_and_the_village_sees_the_signed_rep
     c.close().await.unwrap();
     fed.stop().await;
 }
+
+/// Polls `script` (returning a boolean) for up to 20 s.
+async fn until(c: &Client, what: &str, script: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while js(c, script).await != serde_json::Value::Bool(true) {
+        assert!(Instant::now() < end, "{what} did not happen within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicom_image_windows_and_zooms_and_the_slide_viewer_zooms_and_pans_in_chromium() {
+    let (_driver, c) = start_browser().await;
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let data = node::demo::testdata_dir();
+    let mut req = ecg_request(Urgency::Urgent, "head injury: bleed?");
+    (req.modality, req.files) = (federation_proto::Modality::Imaging, vec![data.join("CT_small.dcm")]);
+    let ct = fed.nodes[0].submit(req).await.unwrap().unwrap();
+    let mut req = ecg_request(Urgency::Routine, "skin biopsy: margins clear?");
+    (req.modality, req.files) = (federation_proto::Modality::Pathology, vec![data.join("cmu_small_region.svs")]);
+    let slide = fed.nodes[0].submit(req).await.unwrap().unwrap();
+    let hub = format!("http://{}", fed.web(0));
+    login(&c, &hub, "dr.wang").await;
+
+    c.goto(&format!("{hub}/case/{ct}")).await.unwrap();
+    let loaded = "const i = document.querySelector('.image-viewer img'); return i.complete && i.naturalWidth > 0";
+    until(&c, "the CT image loads", loaded).await;
+    js(&c, "document.querySelector('.image-viewer .stage').dispatchEvent(new WheelEvent('wheel', {deltaY: -100, bubbles: true, cancelable: true})); return true").await;
+    let transform = js(&c, "return document.querySelector('.image-viewer img').style.transform").await;
+    assert!(transform.as_str().unwrap().contains("scale(1.2)"), "zoomed in: {transform}");
+    c.find(Locator::Css(".image-viewer input[name=wc]")).await.unwrap().send_keys("40").await.unwrap();
+    c.find(Locator::Css(".image-viewer input[name=ww]")).await.unwrap().send_keys("80").await.unwrap();
+    c.find(Locator::Css(".image-viewer form.wl button")).await.unwrap().click().await.unwrap();
+    until(&c, "the re-windowed image loads", "const i = document.querySelector('.image-viewer img'); return i.src.includes('wc=40&ww=80') && i.complete && i.naturalWidth > 0").await;
+    js(&c, "document.querySelector('.image-viewer').scrollIntoView(); return true").await;
+    screenshot(&c, "6-ct-window-zoom.png").await;
+
+    c.goto(&format!("{hub}/case/{slide}")).await.unwrap();
+    let tiles_loaded = "const t = [...document.querySelectorAll('.slide-viewer .tiles img')]; return t.length > 0 && t.every(i => i.complete && i.naturalWidth > 0)";
+    until(&c, "the slide's tiles load", tiles_loaded).await;
+    // The sample slide (a small region) has a single tiled level: zooming in past it
+    // magnifies, and dragging pans (other tiles come into view).
+    let levels = js(&c, "return JSON.parse(document.querySelector('.slide-viewer').dataset.levels).length").await;
+    assert_eq!(levels, 1, "the sample slide's pyramid (update this test for a multi-level sample)");
+    let src = js(&c, "return document.querySelector('.slide-viewer .tiles img').src").await;
+    assert!(src.as_str().unwrap().contains("/tile/0/0/0"), "the first tile at the top left: {src}");
+    js(&c, "document.querySelector('.slide-viewer').dispatchEvent(new WheelEvent('wheel', {deltaY: -100, bubbles: true, cancelable: true})); return true").await;
+    let transform = js(&c, "return document.querySelector('.slide-viewer .tiles').style.transform").await;
+    assert_eq!(transform, "scale(1.25)", "zoomed in");
+    let before =
+        js(&c, "return [...document.querySelectorAll('.slide-viewer .tiles img')].map(i => i.src).join()").await;
+    js(
+        &c,
+        "const v = document.querySelector('.slide-viewer'); const r = v.getBoundingClientRect(); \
+         v.dispatchEvent(new MouseEvent('mousedown', {clientX: r.left + 400, clientY: r.top + 400, bubbles: true})); \
+         window.dispatchEvent(new MouseEvent('mousemove', {clientX: r.left - 200, clientY: r.top - 200, bubbles: true})); \
+         window.dispatchEvent(new MouseEvent('mouseup', {bubbles: true})); return true",
+    )
+    .await;
+    until(&c, "tiles after the pan load", tiles_loaded).await;
+    let after =
+        js(&c, "return [...document.querySelectorAll('.slide-viewer .tiles img')].map(i => i.src).join()").await;
+    assert_ne!(before, after, "panning brings other tiles into view");
+    js(&c, "document.querySelector('.slide-viewer').scrollIntoView(); return true").await;
+    screenshot(&c, "7-slide-tiles.png").await;
+    c.close().await.unwrap();
+    fed.stop().await;
+}

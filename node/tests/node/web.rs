@@ -125,6 +125,7 @@ pub struct Answer {
     pub status: u16,
     pub headers: hyper::HeaderMap,
     pub body: String,
+    pub bytes: Vec<u8>,
 }
 
 impl Answer {
@@ -191,8 +192,9 @@ impl Http {
             let v = v.split(';').next().unwrap_or("");
             self.cookie = (!v.is_empty()).then(|| v.to_owned());
         }
-        let body = String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned();
-        Answer { status, headers, body }
+        let bytes = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        Answer { status, headers, body, bytes }
     }
 
     pub async fn get(&mut self, path: &str) -> Answer {
@@ -545,5 +547,61 @@ async fn live_events_tell_a_logged_in_page_that_the_queue_changed() {
         }
     }
     assert!(seen.contains("event: case"), "{seen}");
+    fed.stop().await;
+}
+
+fn png_size(bytes: &[u8]) -> (u32, u32, png::ColorType) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().expect("a valid PNG");
+    let info = reader.info();
+    (info.width, info.height, info.color_type)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dicom_images_render_at_a_chosen_window_and_slides_serve_tiles() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let data = node::demo::testdata_dir();
+    let mut req = ecg_request(Urgency::Urgent, "head injury: bleed?");
+    (req.modality, req.files) = (Modality::Imaging, vec![data.join("CT_small.dcm")]);
+    let ct = fed.nodes[0].submit(req).await.unwrap().unwrap();
+    let mut req = ecg_request(Urgency::Routine, "margins clear?");
+    (req.modality, req.files) = (Modality::Pathology, vec![data.join("cmu_small_region.svs")]);
+    let slide = fed.nodes[0].submit(req).await.unwrap().unwrap();
+    let mut http = Http::new(fed.web(0));
+    http.login("dr.wang", PASSWORD).await;
+
+    let page = http.get(&format!("/case/{ct}")).await;
+    assert!(page.body.contains("image-viewer") && page.body.contains(&format!("/case/{ct}/attachment/0/image.png")));
+    let default = http.get(&format!("/case/{ct}/attachment/0/image.png")).await;
+    assert_eq!(default.status, 200, "{}", default.body);
+    assert_eq!(default.headers["content-type"], "image/png");
+    let image = node::readers::read_dicom_image_file(data.join("CT_small.dcm")).unwrap();
+    let (w, h, color) = png_size(&default.bytes);
+    assert_eq!((w, h, color), (image.columns, image.rows, png::ColorType::Grayscale));
+    let bone = http.get(&format!("/case/{ct}/attachment/0/image.png?wc=500&ww=2000")).await;
+    assert_eq!(bone.status, 200);
+    assert_ne!(bone.bytes, default.bytes, "another window gives another rendering");
+    assert_eq!(http.get(&format!("/case/{ct}/attachment/0/image.png?wc=x&ww=1")).await.status, 400);
+    assert_eq!(http.get(&format!("/case/{ct}/attachment/0/image.png?wc=1&ww=0")).await.status, 400);
+    assert_eq!(http.get(&format!("/case/{ct}/attachment/1/image.png")).await.status, 404, "no attachment 1");
+
+    let page = http.get(&format!("/case/{slide}")).await;
+    assert!(page.body.contains("slide-viewer") && page.body.contains("data-levels"), "slide viewer on the page");
+    let levels = node::readers::slide::Slide::open(data.join("cmu_small_region.svs")).unwrap().levels().to_vec();
+    let tile = http.get(&format!("/case/{slide}/attachment/0/tile/0/0/0")).await;
+    assert_eq!(tile.status, 200, "{}", tile.body);
+    let (w, h, color) = png_size(&tile.bytes);
+    assert_eq!(
+        (w, h, color),
+        (levels[0].tile_width.min(levels[0].width), levels[0].tile_height.min(levels[0].height), png::ColorType::Rgb)
+    );
+    let last = levels.len() - 1;
+    assert_eq!(http.get(&format!("/case/{slide}/attachment/0/tile/{last}/0/0")).await.status, 200, "coarsest level");
+    assert_eq!(http.get(&format!("/case/{slide}/attachment/0/tile/{}/0/0", levels.len())).await.status, 404);
+    assert_eq!(http.get(&format!("/case/{slide}/attachment/0/tile/0/9999/0")).await.status, 404);
+    assert_eq!(http.get(&format!("/case/{ct}/attachment/0/tile/0/0/0")).await.status, 404, "a CT is not a slide");
+    let mut anon = Http::new(fed.web(0));
+    assert_eq!(anon.get(&format!("/case/{slide}/attachment/0/tile/0/0/0")).await.status, 401);
+    assert_eq!(anon.get(&format!("/case/{ct}/attachment/0/image.png")).await.status, 401);
     fed.stop().await;
 }
