@@ -426,8 +426,16 @@ async fn expert_action(app: &App, headers: &HeaderMap, id: &str, csrf: &str, act
     let Ok(case_id) = id.parse::<CaseId>() else {
         return refuse(StatusCode::NOT_FOUND, "No such case.");
     };
+    let release = matches!(action, ExpertAction::Release);
     match app.ctx.control.expert(case_id, &who.name, action).await {
-        Ok(Ok(())) => Redirect::to(&format!("/case/{case_id}")).into_response(),
+        Ok(Ok(())) => {
+            // Claims, reports and escalations are audited by the daemon from the core's
+            // events; a release has no event, so it is audited here.
+            if release {
+                let _ = app.ctx.control.audit("case.released", &format!("{} released case {case_id}", who.name)).await;
+            }
+            Redirect::to(&format!("/case/{case_id}")).into_response()
+        }
         Ok(Err(e)) => refuse(StatusCode::CONFLICT, &e),
         Err(e) => refuse(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }

@@ -348,7 +348,8 @@ pub fn clinic(ctx: &WebContext, who: &Who, cases: &[CaseSnapshot]) -> Markup {
                         input type="hidden" name="csrf" value=(who.session.csrf);
                         label { "Modality " select name="modality" { option value="ecg" { "ECG" } option value="imaging" { "Imaging (DICOM)" } option value="pathology" { "Pathology slide" } } }
                         label { "Urgency " select name="urgency" { option value="stat" { "STAT" } option value="urgent" { "urgent" } option value="routine" selected { "routine" } } }
-                        label { "Patient reference " input type="text" name="patient" required maxlength="128"; }
+                        label { "Patient reference " input type="text" name="patient" required maxlength="128";
+                            span.hint { " A pseudonym or this clinic's number, never a name: it travels with the case." } }
                         label { "Clinical question " textarea name="question" rows="3" required maxlength="4096" {} }
                         label { "Files " input type="file" name="file" multiple required; }
                         button type="submit" { "Submit" }

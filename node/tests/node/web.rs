@@ -291,6 +291,14 @@ async fn state_changes_without_the_sessions_csrf_token_are_refused() {
         .await;
     assert_eq!((a.status, a.location()), (303, format!("/case/{id}").as_str()));
     assert_eq!(fed.nodes[0].snapshot().await.unwrap()[0].view.status, "claimed");
+    // Release gives it back to the queue; claim and release are both audited.
+    let a = http.post_form(&format!("/case/{id}/release"), &[("csrf", &real)]).await;
+    assert_eq!(a.status, 303);
+    assert_eq!(fed.nodes[0].snapshot().await.unwrap()[0].view.status, "queued");
+    let mut admin = Http::new(fed.web(0));
+    admin.login("admin", PASSWORD).await;
+    let audit = admin.get("/admin").await.body;
+    assert!(audit.contains("case.claimed") && audit.contains("case.released"), "claim and release audited");
     // Login and logout forms are protected too.
     let mut anon = Http::new(fed.web(0));
     anon.get("/login").await;
@@ -604,4 +612,40 @@ async fn dicom_images_render_at_a_chosen_window_and_slides_serve_tiles() {
     assert_eq!(anon.get(&format!("/case/{slide}/attachment/0/tile/0/0/0")).await.status, 401);
     assert_eq!(anon.get(&format!("/case/{ct}/attachment/0/image.png")).await.status, 401);
     fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_add_command_creates_an_account_that_can_log_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = vec![PlannedNode { name: PROVINCIAL.into(), tier: Tier::Provincial, parent: None, experts: vec![] }];
+    let mut config = provision(dir.path(), &plan).unwrap().remove(0);
+    config.web = Some(web_config());
+    let toml_path = dir.path().join("node.toml");
+    std::fs::write(&toml_path, toml::to_string(&config).unwrap()).unwrap();
+    let add = |name: &str, role: &str, password: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_telemed-node"))
+            .args(["user", "add", "--config", toml_path.to_str().unwrap(), "--name", name, "--role", role])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = add("dr.zhao", "expert", PASSWORD);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = add("dr.zhao", "surgeon", PASSWORD);
+    assert!(!out.status.success(), "an unknown role is refused");
+    let out = add("x", "admin", "short");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("password"),
+        "a short password is refused"
+    );
+    let running = node::daemon::start(config).await.unwrap();
+    let mut http = Http::new(running.web_addr.unwrap());
+    assert_eq!(http.login("dr.zhao", PASSWORD).await.location(), "/");
+    assert_eq!(http.get("/").await.location(), "/queue", "an expert lands on the queue");
+    running.shutdown().await.unwrap();
 }
