@@ -48,6 +48,16 @@ pub const FINDINGS_MAX: usize = 32;
 pub const UPLOAD_FILES_MAX: usize = 16;
 /// Longest escalation reason, in bytes.
 pub const REASON_LEN_MAX: usize = 1024;
+/// Live-event streams (server-sent events) open at once at most.
+pub const EVENT_STREAMS_MAX: usize = 256;
+
+/// Holds one of the [`EVENT_STREAMS_MAX`] places while a stream is open.
+struct StreamSlot(Arc<std::sync::atomic::AtomicUsize>);
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// What the web server needs from the daemon.
 #[derive(Clone)]
@@ -71,6 +81,7 @@ struct App {
     cfg: WebConfig,
     sessions: Sessions,
     limiter: LoginLimiter,
+    event_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 type AppState = Arc<App>;
@@ -81,8 +92,14 @@ pub async fn serve(cfg: WebConfig, ctx: WebContext) -> std::io::Result<(SocketAd
     let addr = listener.local_addr()?;
     let upload_max = usize::try_from(cfg.upload_bytes_max).unwrap_or(usize::MAX);
     let cookie_name = format!("{COOKIE}_{}", addr.port());
-    let app: AppState =
-        Arc::new(App { cookie_name, ctx, cfg, sessions: Sessions::default(), limiter: LoginLimiter::default() });
+    let app: AppState = Arc::new(App {
+        cookie_name,
+        ctx,
+        cfg,
+        sessions: Sessions::default(),
+        limiter: LoginLimiter::default(),
+        event_streams: Arc::default(),
+    });
     let router = Router::new()
         .route("/", get(index))
         .route("/login", get(login_page).post(login_post))
@@ -719,8 +736,15 @@ async fn events(State(app): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(r) = app.require(&headers, &[Role::Expert, Role::Clinician, Role::Admin], Kind::Api) {
         return r;
     }
+    use std::sync::atomic::Ordering;
+    if app.event_streams.fetch_add(1, Ordering::Relaxed) >= EVENT_STREAMS_MAX {
+        app.event_streams.fetch_sub(1, Ordering::Relaxed);
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "Too many live pages open; reload later.");
+    }
+    let slot = StreamSlot(app.event_streams.clone());
     use tokio_stream::StreamExt;
-    let stream = tokio_stream::wrappers::BroadcastStream::new(app.ctx.control.subscribe()).map(|item| {
+    let stream = tokio_stream::wrappers::BroadcastStream::new(app.ctx.control.subscribe()).map(move |item| {
+        let _open = &slot; // released when the browser goes away and the stream is dropped
         let event = match item {
             Ok(e) => SseEvent::default().event("case").data(format!("{} {}", e.kind, e.case_id.unwrap_or_default())),
             // This subscriber fell behind: tell the page to reload everything.

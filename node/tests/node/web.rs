@@ -649,3 +649,38 @@ async fn user_add_command_creates_an_account_that_can_log_in() {
     assert_eq!(http.get("/").await.location(), "/queue", "an expert lands on the queue");
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_event_streams_are_bounded_and_their_places_come_back() {
+    let fed = federation(&[(PROVINCIAL, Tier::Provincial)]).await;
+    let mut http = Http::new(fed.web(0));
+    http.login("dr.wang", PASSWORD).await;
+    let cookie = format!("{}_{}={}", auth::COOKIE, fed.web(0).port(), http.cookie.clone().unwrap());
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let open = || {
+        let req = hyper::Request::get(format!("http://{}/events", fed.web(0)))
+            .header("cookie", cookie.clone())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client.request(req)
+    };
+    let mut streams = Vec::new();
+    for _ in 0..node::web::EVENT_STREAMS_MAX {
+        let res = open().await.unwrap();
+        assert_eq!(res.status(), 200);
+        streams.push(res);
+    }
+    assert_eq!(open().await.unwrap().status(), 503, "one stream too many");
+    drop(streams.pop());
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = open().await.unwrap().status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < end, "a closed stream's place never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(streams);
+    fed.stop().await;
+}
