@@ -116,6 +116,9 @@ pub struct Config {
     /// A watched inbox folder (optional).
     #[serde(default)]
     pub inbox: Option<InboxConfig>,
+    /// The libp2p control plane (optional): admission, adverts, CRL gossip, discovery.
+    #[serde(default)]
+    pub control: Option<crate::control_plane::ControlConfig>,
     /// The web UI (consult queue, clinic page, admin page); none if absent.
     #[serde(default)]
     pub web: Option<WebConfig>,
@@ -236,6 +239,9 @@ impl Config {
                  and set behind_tls_proxy = true",
                 web.listen
             )));
+        }
+        if let Some(control) = &self.control {
+            control.check().map_err(ConfigError::Invalid)?;
         }
         for e in &self.experts {
             if e.on_duty > 0 && e.service_min == 0 {

@@ -33,6 +33,9 @@ use std::time::Duration;
 use tiers::{Event, ExpertPool, NewCase, Node, NodeConfig, Output, Peer, ReportDraft, Upstream};
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "control_plane/glue.rs"]
+mod control_glue;
+
 /// Inputs queued for the core task at most (senders wait when it is full).
 pub const INPUT_QUEUE_MAX: usize = 1024;
 /// A message that a peer has not taken within this long means the link is dead.
@@ -183,6 +186,10 @@ enum Input {
         detail: String,
     },
     Shutdown,
+    Control(Box<crate::control_plane::FromControl>),
+    AdvertTick,
+    LoadCrl(String, oneshot::Sender<Result<String, String>>),
+    KnownAdverts(oneshot::Sender<Vec<federation_proto::CapacityAdvert>>),
 }
 
 /// What an expert at the consult queue can do to a case (web UI). Each becomes the
@@ -242,6 +249,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Where the web UI listens, when the configuration has a `[web]` section.
     pub web_addr: Option<SocketAddr>,
+    /// The control plane, if `[control]` is configured.
+    pub control_plane: Option<crate::control_plane::ControlPlaneHandle>,
     control: ControlHandle,
     task: tokio::task::JoinHandle<Result<(), DaemonError>>,
     /// Accept loop, parent dialers, metrics server: stopped on shutdown.
@@ -340,6 +349,15 @@ impl ControlHandle {
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<UiEvent> {
         self.events.subscribe()
     }
+    /// Loads a CRL (PEM with its issuer's chain): data-plane links it revokes close
+    /// and, with a control plane, it is gossiped to the federation. Returns the issuer.
+    pub async fn load_crl(&self, pem: String) -> Result<Result<String, String>, DaemonError> {
+        self.ask(|tx| Input::LoadCrl(pem, tx)).await
+    }
+    /// The fresh capacity adverts the core holds from other nodes.
+    pub async fn known_adverts(&self) -> Result<Vec<federation_proto::CapacityAdvert>, DaemonError> {
+        self.ask(Input::KnownAdverts).await
+    }
 }
 
 /// Blobs each peer may read: the attachments of cases offered to it.
@@ -362,6 +380,8 @@ struct Core {
     /// The rate cap on what this node serves to peers (a village's uplink), shared
     /// by every link.
     upload_pacer: Option<Arc<transfer::Pacer>>,
+    trust: Arc<TrustStore>,
+    control: Option<control_glue::ControlGlue>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -416,6 +436,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     node_config.seed = rand::random();
     let records = store.load().await?;
     let restored = records.len();
+    let control_key = signing_key.clone();
     let core = Node::restore(node_config, signing_key, records, now());
 
     let verifier = Arc::new(FederationVerifier::new(trust.clone()));
@@ -484,13 +505,34 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         }
     }
 
+    // Control plane (libp2p), if configured.
+    let control = match &config.control {
+        Some(control) => {
+            let parts = control_glue::GlueParts {
+                control,
+                config: &config,
+                key: &control_key,
+                creds: &creds,
+                trust: trust.clone(),
+                me: me.clone(),
+                endpoint: endpoint.clone(),
+                claim: claim.clone(),
+                data_addr: addr,
+                tx: tx.clone(),
+            };
+            Some(control_glue::start(parts, &mut background).await?)
+        }
+        None => None,
+    };
+    let control_plane = control.as_ref().map(|c| c.handle.clone());
+
     let limits = TransferLimits {
         chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
         chunks_in_flight: 8,
         bytes_per_s: config.rate_limit_bytes_per_s,
     };
     let (ui_events, _) = tokio::sync::broadcast::channel(UI_EVENTS_MAX);
-    let control = ControlHandle { tx: tx.clone(), events: ui_events.clone() };
+    let handle = ControlHandle { tx: tx.clone(), events: ui_events.clone() };
     // The web UI (optional): pages for experts, clinicians and admins.
     let mut web_addr = None;
     if let Some(web) = &config.web {
@@ -501,7 +543,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
             parents: config.parents.iter().map(|p| (p.name.clone(), p.tier.to_string(), p.addr.to_string())).collect(),
             data_dir: config.data_dir.clone(),
             blobs: blobs.clone(),
-            control: control.clone(),
+            control: handle.clone(),
         };
         let (addr_bound, task) = crate::web::serve(web.clone(), ctx)
             .await
@@ -525,9 +567,21 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         ui_events,
         limits,
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
+        trust: trust.clone(),
+        control,
     };
     let task = tokio::spawn(state.run(rx));
-    Ok(Running { name: config.node_name(), addr, metrics, control, web_addr, task, background, endpoint })
+    Ok(Running {
+        name: config.node_name(),
+        addr,
+        metrics,
+        control_plane,
+        control: handle,
+        web_addr,
+        task,
+        background,
+        endpoint,
+    })
 }
 
 async fn dial_parent(
@@ -728,6 +782,7 @@ impl Core {
                 _ = sleep => self.core.handle_timeout(now()),
             }
             self.drain().await?;
+            self.control_after_input();
         }
         Ok(())
     }
@@ -761,9 +816,11 @@ impl Core {
                     self.authorized.clone(),
                     self.upload_pacer.clone(),
                 ));
+                let name = peer.name.clone();
                 if let Err(e) = self.core.handle_peer_up(t, peer) {
                     tracing::warn!("{e}");
                 }
+                self.control_peer_up(t, &name);
             }
             Input::PeerDown { peer, connection_id } => {
                 if self.links.get(&peer).is_some_and(|l| l.connection.stable_id() == connection_id) {
@@ -771,6 +828,7 @@ impl Core {
                     self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
                     let _ = self.store.audit(t, "link.down", None, Some(peer.as_str()), "").await;
                     self.core.handle_peer_down(t, &peer);
+                    self.control_peer_down(t, &peer).await;
                 }
             }
             Input::Message { from, message } => {
@@ -859,6 +917,15 @@ impl Core {
                 let _ = self.ui_events.send(UiEvent { kind, case_id: None });
             }
             Input::Shutdown => {}
+            Input::Control(event) => self.on_control(t, *event).await,
+            Input::AdvertTick => self.publish_advert(t),
+            Input::LoadCrl(pem, reply) => {
+                let result = self.load_crl(pem).await;
+                let _ = reply.send(result);
+            }
+            Input::KnownAdverts(reply) => {
+                let _ = reply.send(self.known_adverts(t));
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 pub mod blobs;
 pub mod config;
 pub mod control;
+pub mod control_plane;
 pub mod daemon;
 pub mod demo;
 pub mod ingest;

@@ -480,6 +480,9 @@ mod chaos;
 #[path = "node/web.rs"]
 mod web;
 
+#[path = "node/control_plane.rs"]
+mod control_plane;
+
 mod federation_processes {
     use federation_proto::{Modality, Tier};
     use node::config::{Config, ParentConfig};
