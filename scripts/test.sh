@@ -16,4 +16,5 @@ if ! command -v storescu >/dev/null 2>&1; then
   $sudo apt-get install -y -qq dcmtk >/dev/null
 fi
 
+bash scripts/deps/chromium.sh  # headless Chromium + chromedriver for the web UI's browser test
 cargo test --workspace "$@"

@@ -119,6 +119,40 @@ pub struct Config {
     /// The libp2p control plane (optional): admission, adverts, CRL gossip, discovery.
     #[serde(default)]
     pub control: Option<crate::control_plane::ControlConfig>,
+    /// The web UI (consult queue, clinic page, admin page); none if absent.
+    #[serde(default)]
+    pub web: Option<WebConfig>,
+}
+
+/// The web UI. Plain HTTP: serve it on loopback, or behind a TLS-terminating reverse
+/// proxy (`behind_tls_proxy = true`, which also marks session cookies `Secure`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    #[serde(default = "default_web_listen")]
+    pub listen: SocketAddr,
+    /// Browsers reach this server only through HTTPS (a proxy terminates TLS).
+    /// Required for a non-loopback `listen`; session cookies are then `Secure`.
+    #[serde(default)]
+    pub behind_tls_proxy: bool,
+    /// Largest upload accepted from the clinic page, in bytes.
+    #[serde(default = "default_upload_bytes_max")]
+    pub upload_bytes_max: u64,
+    /// Session lifetime after login, in minutes.
+    #[serde(default = "default_session_min")]
+    pub session_min: u64,
+}
+
+fn default_web_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_upload_bytes_max() -> u64 {
+    512 * 1024 * 1024
+}
+
+fn default_session_min() -> u64 {
+    12 * 60
 }
 
 /// A configuration that cannot be used, with what and why.
@@ -195,6 +229,16 @@ impl Config {
                     p.name, p.tier, self.tier
                 )));
             }
+        }
+        if let Some(web) = &self.web
+            && !web.listen.ip().is_loopback()
+            && !web.behind_tls_proxy
+        {
+            return Err(ConfigError::Invalid(format!(
+                "[web] listen = {} is not loopback: the UI serves plain HTTP, so put it behind a TLS proxy \
+                 and set behind_tls_proxy = true",
+                web.listen
+            )));
         }
         if let Some(control) = &self.control {
             control.check().map_err(ConfigError::Invalid)?;

@@ -140,16 +140,51 @@ impl Metrics {
 
 enum Input {
     PeerUp(Box<Link>),
-    PeerDown { peer: NodeName, connection_id: usize },
-    Message { from: NodeName, message: Box<Message> },
-    Stored { case_id: CaseId, hash: ContentHash },
-    FetchDone { case_id: CaseId, hash: ContentHash, error: Option<String> },
+    PeerDown {
+        peer: NodeName,
+        connection_id: usize,
+    },
+    Message {
+        from: NodeName,
+        message: Box<Message>,
+    },
+    Stored {
+        case_id: CaseId,
+        hash: ContentHash,
+    },
+    FetchDone {
+        case_id: CaseId,
+        hash: ContentHash,
+        error: Option<String>,
+    },
     Submit(SubmitRequest, oneshot::Sender<Result<CaseId, String>>),
     Status(oneshot::Sender<StatusReport>),
     Show(CaseId, oneshot::Sender<Option<CaseView>>),
     Studies(oneshot::Sender<Result<Vec<crate::ingest::StudySummary>, String>>),
-    ExpertClaim { case_id: CaseId, expert: String },
-    ExpertSign { case_id: CaseId, expert: String },
+    ExpertClaim {
+        case_id: CaseId,
+        expert: String,
+    },
+    ExpertSign {
+        case_id: CaseId,
+        expert: String,
+    },
+    /// A person at the consult queue (web UI) acts on a case; the core decides.
+    Expert {
+        case_id: CaseId,
+        expert: String,
+        action: ExpertAction,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Every case held here, as people see it, with its queue state.
+    Snapshot(oneshot::Sender<Vec<CaseSnapshot>>),
+    /// What the admin page shows.
+    Admin(oneshot::Sender<AdminSnapshot>),
+    /// Something people did that the audit log must hold (e.g. a web login).
+    Audit {
+        kind: String,
+        detail: String,
+    },
     Shutdown,
     Control(Box<crate::control_plane::FromControl>),
     AdvertTick,
@@ -157,11 +192,63 @@ enum Input {
     KnownAdverts(oneshot::Sender<Vec<federation_proto::CapacityAdvert>>),
 }
 
+/// What an expert at the consult queue can do to a case (web UI). Each becomes the
+/// matching `tiers::Node::handle_*` call.
+#[derive(Debug, Clone)]
+pub enum ExpertAction {
+    Claim,
+    Release,
+    /// Sign and return a report the expert wrote (structured fields and free text).
+    Sign(ReportDraft),
+    /// Send the case on to the tier above, with the expert's reason.
+    Escalate(String),
+}
+
+/// A case held at this node, with what the consult queue needs beyond [`CaseView`].
+#[derive(Debug, Clone)]
+pub struct CaseSnapshot {
+    pub view: CaseView,
+    /// Set while the case waits in the local consult queue.
+    pub claim_deadline_ms: Option<u64>,
+    /// The expert reading it, while claimed.
+    pub claimed_by: Option<String>,
+    /// The expert whose claim lapsed (they may still sign while nobody else claims).
+    pub lapsed_claim: Option<String>,
+    /// The child that handed it here; `None` for cases created at this node.
+    pub came_from: Option<String>,
+    /// The attachments' content hashes (blob store keys), in `view.attachments` order.
+    pub attachment_hashes: Vec<ContentHash>,
+}
+
+/// A change people should see at once (the web UI's server-sent events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiEvent {
+    /// What happened, as in the audit log (`case.queued`, `report.at_origin`, ...).
+    pub kind: String,
+    pub case_id: Option<String>,
+}
+
+/// Events buffered per web subscriber; a slower one skips ahead (it reloads).
+pub const UI_EVENTS_MAX: usize = 256;
+
+/// What the admin page shows about this node.
+#[derive(Debug, Clone)]
+pub struct AdminSnapshot {
+    pub status: StatusReport,
+    /// This node's current capacity advert (what it tells peers it can read).
+    pub advert: Option<federation_proto::CapacityAdvert>,
+    /// The most recent audit records, oldest first.
+    pub audit: Vec<crate::store::AuditRecord>,
+    pub metrics: String,
+}
+
 /// A running node: its address and a handle to talk to it.
 pub struct Running {
     pub name: NodeName,
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// Where the web UI listens, when the configuration has a `[web]` section.
+    pub web_addr: Option<SocketAddr>,
     /// The control plane, if `[control]` is configured.
     pub control_plane: Option<crate::control_plane::ControlPlaneHandle>,
     control: ControlHandle,
@@ -210,6 +297,7 @@ impl Running {
 #[derive(Clone)]
 pub struct ControlHandle {
     tx: mpsc::Sender<Input>,
+    events: tokio::sync::broadcast::Sender<UiEvent>,
 }
 
 impl ControlHandle {
@@ -233,6 +321,33 @@ impl ControlHandle {
     }
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Input::Shutdown).await;
+    }
+    /// An expert's action on a case (claim, release, sign, escalate), through the core.
+    pub async fn expert(
+        &self,
+        case_id: CaseId,
+        expert: &str,
+        action: ExpertAction,
+    ) -> Result<Result<(), String>, DaemonError> {
+        let expert = expert.to_owned();
+        self.ask(|reply| Input::Expert { case_id, expert, action, reply }).await
+    }
+    /// Every case held here, with its queue state.
+    pub async fn snapshot(&self) -> Result<Vec<CaseSnapshot>, DaemonError> {
+        self.ask(Input::Snapshot).await
+    }
+    /// Identity, links, queues, capacity advert and recent audit records.
+    pub async fn admin(&self) -> Result<AdminSnapshot, DaemonError> {
+        self.ask(Input::Admin).await
+    }
+    /// Appends `kind`/`detail` to the node's audit log (web logins and the like).
+    pub async fn audit(&self, kind: &str, detail: &str) -> Result<(), DaemonError> {
+        let input = Input::Audit { kind: kind.to_owned(), detail: detail.to_owned() };
+        self.tx.send(input).await.map_err(|_| DaemonError::Stopped)
+    }
+    /// Changes to cases as they happen (for live pages).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<UiEvent> {
+        self.events.subscribe()
     }
     /// Loads a CRL (PEM with its issuer's chain): data-plane links it revokes close
     /// and, with a control plane, it is gossiped to the federation. Returns the issuer.
@@ -260,6 +375,7 @@ struct Core {
     fetching: BTreeSet<(CaseId, ContentHash)>,
     tx: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
+    ui_events: tokio::sync::broadcast::Sender<UiEvent>,
     limits: TransferLimits,
     /// The rate cap on what this node serves to peers (a village's uplink), shared
     /// by every link.
@@ -415,6 +531,27 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         chunks_in_flight: 8,
         bytes_per_s: config.rate_limit_bytes_per_s,
     };
+    let (ui_events, _) = tokio::sync::broadcast::channel(UI_EVENTS_MAX);
+    let handle = ControlHandle { tx: tx.clone(), events: ui_events.clone() };
+    // The web UI (optional): pages for experts, clinicians and admins.
+    let mut web_addr = None;
+    if let Some(web) = &config.web {
+        let ctx = crate::web::WebContext {
+            node: config.node_name(),
+            tier: config.tier,
+            cert_not_after_s: me.not_after.as_secs(),
+            parents: config.parents.iter().map(|p| (p.name.clone(), p.tier.to_string(), p.addr.to_string())).collect(),
+            data_dir: config.data_dir.clone(),
+            blobs: blobs.clone(),
+            control: handle.clone(),
+        };
+        let (addr_bound, task) = crate::web::serve(web.clone(), ctx)
+            .await
+            .map_err(|e| DaemonError::Config(format!("web UI on {}: {e}", web.listen)))?;
+        tracing::info!(addr = %addr_bound, "web UI listening on http://{addr_bound}/");
+        web_addr = Some(addr_bound);
+        background.push(task);
+    }
     let state = Core {
         config: config.clone(),
         core,
@@ -427,6 +564,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         fetching: BTreeSet::new(),
         tx: tx.clone(),
         metrics: metrics.clone(),
+        ui_events,
         limits,
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
         trust: trust.clone(),
@@ -438,7 +576,8 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         addr,
         metrics,
         control_plane,
-        control: ControlHandle { tx },
+        control: handle,
+        web_addr,
         task,
         background,
         endpoint,
@@ -570,6 +709,24 @@ async fn serve_link(
         });
     }
     let _ = tx.send(Input::PeerDown { peer, connection_id: conn.stable_id() }).await;
+}
+
+fn snapshot_of(r: &tiers::CaseRecord) -> CaseSnapshot {
+    let (claim_deadline_ms, claimed_by, lapsed_claim) = match &r.status {
+        tiers::CaseStatus::Queued { claim_deadline, lapsed_claim, .. } => {
+            (Some(claim_deadline.0), None, lapsed_claim.clone())
+        }
+        tiers::CaseStatus::Claimed { expert, .. } => (None, Some(expert.clone()), None),
+        _ => (None, None, None),
+    };
+    CaseSnapshot {
+        view: CaseView::of(r),
+        claim_deadline_ms,
+        claimed_by,
+        lapsed_claim,
+        came_from: r.came_from.as_ref().map(|c| c.to_string()),
+        attachment_hashes: r.info.attachments.iter().map(|a| a.hash).collect(),
+    }
 }
 
 fn media_type_of(path: &std::path::Path, head: &[u8]) -> &'static str {
@@ -727,6 +884,37 @@ impl Core {
                 if let Err(e) = self.core.handle_sign_report(t, case_id, &expert, draft) {
                     tracing::warn!(%case_id, "simulated report: {e}");
                 }
+            }
+            Input::Expert { case_id, expert, action, reply } => {
+                let result = match action {
+                    ExpertAction::Claim => self.core.handle_claim(t, case_id, &expert),
+                    ExpertAction::Release => self.core.handle_release(t, case_id, &expert),
+                    ExpertAction::Sign(draft) => self.core.handle_sign_report(t, case_id, &expert, draft),
+                    ExpertAction::Escalate(reason) => self.core.handle_expert_escalate(t, case_id, &expert, &reason),
+                };
+                let _ = reply.send(result.map_err(|e| e.to_string()));
+            }
+            Input::Snapshot(reply) => {
+                let _ = reply.send(self.core.cases().map(snapshot_of).collect());
+            }
+            Input::Admin(reply) => {
+                let audit = self.store.audit_tail(50).await.unwrap_or_default();
+                let _ = reply.send(AdminSnapshot {
+                    status: self.status(),
+                    advert: self.core.capacity_advert(t).ok().and_then(|env| {
+                        env.open::<federation_proto::CapacityAdvert>(federation_proto::content_type::ADVERT)
+                            .ok()
+                            .map(|v| v.body)
+                    }),
+                    audit,
+                    metrics: self.metrics.render(&self.config.name),
+                });
+            }
+            Input::Audit { kind, detail } => {
+                if let Err(e) = self.store.audit(t, &kind, None, None, &detail).await {
+                    tracing::error!("audit append failed: {e}");
+                }
+                let _ = self.ui_events.send(UiEvent { kind, case_id: None });
             }
             Input::Shutdown => {}
             Input::Control(event) => self.on_control(t, *event).await,
@@ -987,6 +1175,7 @@ impl Core {
             }
         };
         tracing::info!(node = %self.config.name, case = ?case.map(|c| c.to_string()), peer = ?peer, "{kind} {detail}");
+        let _ = self.ui_events.send(UiEvent { kind: kind.to_owned(), case_id: case.map(|c| c.to_string()) });
         if let Err(e) = self.store.audit(t, kind, case, peer.as_deref(), &detail).await {
             tracing::error!("audit append failed: {e}");
         }

@@ -177,6 +177,14 @@ mod tests {
 // The networked demo: real nodes on loopback QUIC with SQLite stores.
 // ---------------------------------------------------------------------------------
 
+/// The demo's web UI accounts (on every node that runs the UI without `--headless`).
+pub const DEMO_EXPERT: &str = "expert";
+pub const DEMO_CLINICIAN: &str = "clinician";
+pub const DEMO_ADMIN: &str = "admin";
+/// The demo accounts' password. Demo only: a real node's accounts are made with
+/// `telemed-node user add`.
+pub const DEMO_PASSWORD: &str = "telemed-demo";
+
 /// One node of the networked demo federation, as planned before it starts.
 #[derive(Debug, Clone)]
 pub struct PlannedNode {
@@ -281,6 +289,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             rate_limit_bytes_per_s: None,
             dicom: None,
             inbox: None,
+            web: None,
             control: Some(crate::control_plane::ControlConfig::loopback()),
         });
     }
@@ -303,6 +312,35 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
     let plan = topology();
     let mut configs = provision(&tmp, &plan)?;
     println!("Seven-tier demo federation: {} nodes on loopback, data in {}", plan.len(), tmp.display());
+    if !headless {
+        // The web UI on every hub and on two villages, with demo accounts; a person
+        // (not a simulated expert) reads the imaging cases that reach the provincial hub.
+        let mut villages_with_ui = 0;
+        for (p, config) in plan.iter().zip(configs.iter_mut()) {
+            let ui = p.tier >= federation_proto::Tier::County
+                || (p.tier == federation_proto::Tier::Village && villages_with_ui < 2);
+            if !ui {
+                continue;
+            }
+            villages_with_ui += usize::from(p.tier == federation_proto::Tier::Village);
+            config.web = Some(crate::config::WebConfig {
+                listen: "127.0.0.1:0".parse()?,
+                behind_tls_proxy: false,
+                upload_bytes_max: 512 * 1024 * 1024,
+                session_min: 12 * 60,
+            });
+            for (user, role) in [
+                (DEMO_EXPERT, crate::web::auth::Role::Expert),
+                (DEMO_CLINICIAN, crate::web::auth::Role::Clinician),
+                (DEMO_ADMIN, crate::web::auth::Role::Admin),
+            ] {
+                crate::web::auth::add_user(&config.data_dir, user, role, DEMO_PASSWORD)?;
+            }
+            if p.tier == federation_proto::Tier::Provincial {
+                config.simulated_experts = None;
+            }
+        }
+    }
     let mut running: Vec<daemon::Running> = Vec::new();
     let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
     let mut control_addrs: BTreeMap<String, String> = BTreeMap::new();
@@ -320,7 +358,10 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         if let Some(a) = node.control_plane.as_ref().and_then(|c| c.bootstrap_addr()) {
             control_addrs.insert(p.name.clone(), a);
         }
-        println!("  {:<14} {:<44} {}", p.tier.to_string(), p.name, node.addr);
+        match node.web_addr {
+            Some(web) => println!("  {:<14} {:<44} {}  web UI http://{web}/", p.tier.to_string(), p.name, node.addr),
+            None => println!("  {:<14} {:<44} {}", p.tier.to_string(), p.name, node.addr),
+        }
         running.push(node);
     }
     let data = testdata_dir();
@@ -348,7 +389,15 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         cases.push((vi, id, std::time::Instant::now()));
     }
     println!("Submitted {} cases at {} villages; waiting for reports...", cases.len(), villages.len());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    if !headless {
+        println!(
+            "Web UI logins (every node with a web UI): {DEMO_EXPERT} / {DEMO_CLINICIAN} / {DEMO_ADMIN}, \
+             password `{DEMO_PASSWORD}`. Imaging cases that reach hub.henan.cn wait for you in its consult queue."
+        );
+    }
+    // Without --headless a person reads some cases: do not wait long for them.
+    let wait_s = if headless { 180 } else { 30 };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_s);
     let mut done: BTreeMap<CaseId, (crate::view::CaseView, std::time::Duration)> = BTreeMap::new();
     while done.len() < cases.len() && std::time::Instant::now() < deadline {
         for (vi, id, started) in &cases {
@@ -390,6 +439,19 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         println!("\nOne case in full (telemed-node show):\n{}", v.render());
     }
     if !headless {
+        let web_of = |name: &str| {
+            plan.iter().position(|p| p.name == name).and_then(|i| running[i].web_addr).map(|a| format!("http://{a}/"))
+        };
+        if let (Some(hub), Some(village)) = (web_of("hub.henan.cn"), web_of("v01.gaocheng.dengfeng.zhengzhou.henan.cn"))
+        {
+            println!(
+                "\nOpen the consult queue of the provincial hub: {hub}  (log in as {DEMO_EXPERT} / {DEMO_PASSWORD})"
+            );
+            println!(
+                "Open the clinic page of a village:            {village}  (log in as {DEMO_CLINICIAN} / {DEMO_PASSWORD})"
+            );
+            println!("Admin pages: any web UI above, as {DEMO_ADMIN} / {DEMO_PASSWORD}.");
+        }
         println!("Federation running; Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }
@@ -397,7 +459,8 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         let _ = node.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&tmp);
-    Ok(all)
+    // Without --headless, cases left for people to read are not a failure.
+    Ok(all || !headless)
 }
 
 fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {

@@ -19,3 +19,4 @@ pub mod store;
 pub mod transfer;
 pub mod transport;
 pub mod view;
+pub mod web;

@@ -473,8 +473,12 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
 
 // --- whole nodes: real processes, real certificates, SQLite, kill -9 ---------------------
 
+#[path = "node/browser.rs"]
+mod browser;
 #[path = "node/chaos.rs"]
 mod chaos;
+#[path = "node/web.rs"]
+mod web;
 
 #[path = "node/control_plane.rs"]
 mod control_plane;

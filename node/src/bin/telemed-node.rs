@@ -79,6 +79,11 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Web UI accounts (stored in the node's data directory, Argon2id hashes).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Generate this node's Ed25519 key (mode 0600) and a certificate signing
     /// request for the federation CA. The private key never leaves this machine.
     Keygen {
@@ -91,6 +96,22 @@ enum Command {
         /// Directory to write `node.key` and `node.csr` into (refuses to overwrite).
         #[arg(long, default_value = ".")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Add a user (or set an existing user's role and password). The password is
+    /// read from standard input (one line), never from the command line.
+    Add {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// expert (reads this node's consult queue), clinician (submits cases here),
+        /// or admin (the admin page).
+        #[arg(long)]
+        role: node::web::auth::Role,
     },
 }
 
@@ -255,6 +276,19 @@ async fn main() -> anyhow::Result<()> {
                     bail!("not every case got its report back in time");
                 }
             }
+        }
+        Command::User { command: UserCommand::Add { config, name, role } } => {
+            let config = Config::load(&config)?;
+            eprintln!("password for {name} (one line on standard input):");
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password).context("reading the password")?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            node::web::auth::add_user(&config.data_dir, &name, role, password)?;
+            println!(
+                "user {name} ({}) saved in {}",
+                role.as_str(),
+                node::web::auth::users_path(&config.data_dir).display()
+            );
         }
         Command::Keygen { name, tier, out } => {
             let (key, csr) = certs::enrol::write_key_and_csr(&out, &name.as_str().into(), tier)?;
