@@ -13,7 +13,7 @@
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
-use crate::store::SqliteStore;
+use crate::store::Store;
 use crate::transfer::{self, TransferLimits};
 use crate::transport::{self, AcceptPolicy, Link, LiveLinks};
 use crate::view::{CaseView, now};
@@ -233,7 +233,7 @@ type Authorized = Arc<Mutex<BTreeMap<NodeName, BTreeSet<ContentHash>>>>;
 struct Core {
     config: Config,
     core: Node,
-    store: SqliteStore,
+    store: Store,
     blobs: BlobStore,
     studies: crate::ingest::StudyStore,
     links: BTreeMap<NodeName, Link>,
@@ -276,7 +276,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| DaemonError::Config(format!("{}: {e}", config.data_dir.display())))?;
-    let store = SqliteStore::open(&config.db_path(), signing_key.clone()).await?;
+    let store = Store::open(&config.store_location(), signing_key.clone()).await?;
     let blobs = BlobStore::open(&config.blob_dir())?;
     let studies = crate::ingest::StudyStore::open(&config.data_dir)
         .map_err(|e| DaemonError::Config(format!("study store in {}: {e}", config.data_dir.display())))?;

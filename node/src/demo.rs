@@ -281,6 +281,9 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             rate_limit_bytes_per_s: None,
             dicom: None,
             inbox: None,
+            store: None,
+            privacy: Default::default(),
+            fhir: None,
         });
     }
     Ok(configs)

@@ -1356,3 +1356,6 @@ mod adversarial {
         fed.county.shutdown().await.unwrap();
     }
 }
+
+#[path = "node/store_suite.rs"]
+mod store_suite;

@@ -211,9 +211,10 @@ async fn main() -> anyhow::Result<()> {
                 Ok(other) => bail!("unexpected answer: {other:?}"),
                 Err(_) => {
                     // The daemon is not running: read the store directly (read-only).
-                    let store = node::store::SqliteStore::open_read_only(&loaded.db_path())
+                    let location = loaded.store_location();
+                    let store = node::store::Store::open_read_only(&location)
                         .await
-                        .with_context(|| format!("node not running and no store at {}", loaded.db_path().display()))?;
+                        .with_context(|| format!("node not running and no store at {location}"))?;
                     let cases = store.summaries().await?;
                     if json {
                         let lines: Vec<_> = cases.iter().map(|c| serde_json::json!({
