@@ -338,6 +338,7 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
             question: question.into(),
             patient: format!("demo-patient-{k:02}"),
             task: None,
+            details: Default::default(),
         };
         let id = running[vi].submit(req).await?.map_err(|e| anyhow::anyhow!("submit at {}: {e}", plan[vi].name))?;
         cases.push((vi, id, std::time::Instant::now()));

@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod deid;
 pub mod demo;
 pub mod ingest;
 pub mod loadgen;

@@ -620,6 +620,7 @@ mod federation_processes {
                 question: "test".into(),
                 patient: "p-1".into(),
                 task: None,
+                details: Default::default(),
             };
             match ask(village, Request::Submit(req)).await.unwrap() {
                 Response::Submitted { case_id } => ids.push(case_id),
@@ -853,6 +854,7 @@ mod offline_first {
             question: "palpitations".into(),
             patient: "p-9".into(),
             task: None,
+            details: Default::default(),
         };
         let id = village.submit(req).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -938,6 +940,7 @@ mod device_ingest {
             question: "palpitations".into(),
             patient: "p-12".into(),
             task: None,
+            details: Default::default(),
         };
         let id = village.submit(req).await.unwrap().unwrap();
         let view = village.show(id).await.unwrap().unwrap();
@@ -1359,3 +1362,6 @@ mod adversarial {
 
 #[path = "node/store_suite.rs"]
 mod store_suite;
+
+#[path = "node/privacy.rs"]
+mod privacy;

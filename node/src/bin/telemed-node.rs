@@ -168,7 +168,8 @@ async fn main() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("{}", f.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let req = SubmitRequest { files, study, modality, urgency, question, patient, task };
+            let req =
+                SubmitRequest { files, study, modality, urgency, question, patient, task, details: Default::default() };
             match ask(&config, Request::Submit(req)).await? {
                 Response::Submitted { case_id } => println!("{case_id}"),
                 Response::Error { message } => bail!("not submitted: {message}"),
