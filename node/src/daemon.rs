@@ -174,6 +174,8 @@ pub struct Running {
     pub name: NodeName,
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// Where the FHIR API listens, when `[fhir]` is configured.
+    pub fhir_addr: Option<SocketAddr>,
     control: ControlHandle,
     task: tokio::task::JoinHandle<Result<(), DaemonError>>,
     /// Accept loop, parent dialers, metrics server: stopped on shutdown.
@@ -391,6 +393,35 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         }
     }
 
+    // The FHIR R4 API for hospital systems (hubs).
+    let mut fhir_addr = None;
+    if let Some(fhir) = &config.fhir {
+        let token = std::fs::read_to_string(&fhir.token_file)
+            .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", fhir.token_file.display())))?;
+        let token = token.trim();
+        if token.len() < 16 {
+            return Err(DaemonError::Config(format!(
+                "FHIR token in {} is shorter than 16 characters",
+                fhir.token_file.display()
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(fhir.listen)
+            .await
+            .map_err(|e| DaemonError::Config(format!("FHIR listener {}: {e}", fhir.listen)))?;
+        fhir_addr = listener.local_addr().ok();
+        let app = crate::fhir::router(crate::fhir::FhirState {
+            store: store.clone(),
+            node: config.node_name(),
+            token: token.into(),
+        });
+        background.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!("FHIR API stopped: {e}");
+            }
+        }));
+        tracing::info!(addr = ?fhir_addr, "FHIR R4 API listening");
+    }
+
     let limits = TransferLimits {
         chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
         chunks_in_flight: 8,
@@ -413,7 +444,16 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
     };
     let task = tokio::spawn(state.run(rx));
-    Ok(Running { name: config.node_name(), addr, metrics, control: ControlHandle { tx }, task, background, endpoint })
+    Ok(Running {
+        name: config.node_name(),
+        addr,
+        metrics,
+        fhir_addr,
+        control: ControlHandle { tx },
+        task,
+        background,
+        endpoint,
+    })
 }
 
 async fn dial_parent(

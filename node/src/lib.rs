@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod deid;
 pub mod demo;
+pub mod fhir;
 pub mod ingest;
 pub mod loadgen;
 pub mod store;

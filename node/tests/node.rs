@@ -1365,3 +1365,6 @@ mod store_suite;
 
 #[path = "node/privacy.rs"]
 mod privacy;
+
+#[path = "node/fhir_api.rs"]
+mod fhir_api;

@@ -17,6 +17,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum AuditAction {
+    /// Write the audit log as standard audit events to stdout.
+    Export {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// `fhir`: FHIR R4 AuditEvent resources as NDJSON.
+        #[arg(long, default_value = "fhir")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the node daemon.
     Run {
@@ -50,6 +62,14 @@ enum Command {
     Studies {
         #[arg(long, default_value = "node.toml")]
         config: PathBuf,
+    },
+    /// The audit log: `audit export --format fhir` verifies the hash chain, then
+    /// writes every record as a FHIR R4 AuditEvent, one JSON object per line (the
+    /// FHIR bulk-data NDJSON format). Reads the store directly (works while the
+    /// daemon runs).
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
     },
     /// What this node holds, what is waiting and since when.
     Status {
@@ -141,6 +161,31 @@ async fn main() -> anyhow::Result<()> {
             });
             running.wait().await?;
             let _ = std::fs::remove_file(&socket);
+        }
+        Command::Audit { action: AuditAction::Export { config, format } } => {
+            if format != "fhir" {
+                bail!("unknown export format `{format}` (supported: fhir)");
+            }
+            let loaded = Config::load(&config)?;
+            let location = loaded.store_location();
+            let store = node::store::Store::open_read_only(&location)
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let verified = store.verify_audit_chain().await.context("the audit chain does not verify")?;
+            let node_name = loaded.node_name();
+            let mut next = 1u64;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            // Up to the last verified record (the daemon may be appending meanwhile).
+            while next <= verified {
+                let page = store.audit_from(next, (verified - next + 1).min(1_000) as u32).await?;
+                let Some(last) = page.last() else { break };
+                next = last.seq + 1;
+                for record in &page {
+                    use std::io::Write;
+                    writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;
+                }
+            }
+            eprintln!("exported {} audit records of {} (chain verified)", next - 1, loaded.name);
         }
         Command::Studies { config } => match ask(&config, Request::Studies).await? {
             Response::Studies(list) => {
