@@ -46,9 +46,20 @@ enum Command {
         /// The clinical question for the reader.
         #[arg(long)]
         question: String,
-        /// The patient's pseudonym at this clinic.
+        /// The patient ID (e.g. ID-card number). Only its pseudonym leaves this node
+        /// (see docs/adr/0004-privacy-boundary-at-the-origin.md).
         #[arg(long)]
         patient: String,
+        /// The patient's name, birth date, address and phone: kept here and sent only
+        /// to tiers the privacy policy allows.
+        #[arg(long, default_value = "")]
+        patient_name: String,
+        #[arg(long, default_value = "")]
+        birth_date: String,
+        #[arg(long, default_value = "")]
+        address: String,
+        #[arg(long, default_value = "")]
+        phone: String,
         /// Reading task, e.g. `ecg.rhythm` (defaults by modality).
         #[arg(long)]
         task: Option<String>,
@@ -208,13 +219,26 @@ async fn main() -> anyhow::Result<()> {
             Response::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer: {other:?}"),
         },
-        Command::Submit { config, modality, urgency, question, patient, task, study, files } => {
+        Command::Submit {
+            config,
+            modality,
+            urgency,
+            question,
+            patient,
+            patient_name,
+            birth_date,
+            address,
+            phone,
+            task,
+            study,
+            files,
+        } => {
+            let details = node::daemon::PatientDetails { name: patient_name, birth_date, address, phone };
             let files = files
                 .into_iter()
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("{}", f.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let req =
-                SubmitRequest { files, study, modality, urgency, question, patient, task, details: Default::default() };
+            let req = SubmitRequest { files, study, modality, urgency, question, patient, task, details };
             match ask(&config, Request::Submit(req)).await? {
                 Response::Submitted { case_id } => println!("{case_id}"),
                 Response::Error { message } => bail!("not submitted: {message}"),
