@@ -154,6 +154,9 @@ pub struct Config {
     /// The FHIR R4 API (optional, hubs).
     #[serde(default)]
     pub fhir: Option<FhirConfig>,
+    /// The libp2p control plane (optional): admission, adverts, CRL gossip, discovery.
+    #[serde(default)]
+    pub control: Option<crate::control_plane::ControlConfig>,
 }
 
 /// A configuration that cannot be used, with what and why.
@@ -236,6 +239,9 @@ impl Config {
                     p.name, p.tier, self.tier
                 )));
             }
+        }
+        if let Some(control) = &self.control {
+            control.check().map_err(ConfigError::Invalid)?;
         }
         for e in &self.experts {
             if e.on_duty > 0 && e.service_min == 0 {

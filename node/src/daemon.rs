@@ -33,6 +33,9 @@ use std::time::Duration;
 use tiers::{Event, ExpertPool, NewCase, Node, NodeConfig, Output, Peer, ReportDraft, Upstream};
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "control_plane/glue.rs"]
+mod control_glue;
+
 /// Inputs queued for the core task at most (senders wait when it is full).
 pub const INPUT_QUEUE_MAX: usize = 1024;
 /// A message that a peer has not taken within this long means the link is dead.
@@ -71,7 +74,7 @@ pub struct SubmitRequest {
     pub urgency: federation_proto::Urgency,
     pub question: String,
     /// The patient ID (e.g. the national ID-card number). It never leaves this node
-    /// as such: the case carries a pseudonym of it (see `deid.rs`, ADR 0004).
+    /// as such: the case carries a pseudonym of it (see `deid.rs`, ADR 0005).
     pub patient: String,
     #[serde(default)]
     pub task: Option<String>,
@@ -167,6 +170,10 @@ enum Input {
     ExpertClaim { case_id: CaseId, expert: String },
     ExpertSign { case_id: CaseId, expert: String },
     Shutdown,
+    Control(Box<crate::control_plane::FromControl>),
+    AdvertTick,
+    LoadCrl(String, oneshot::Sender<Result<String, String>>),
+    KnownAdverts(oneshot::Sender<Vec<federation_proto::CapacityAdvert>>),
 }
 
 /// A running node: its address and a handle to talk to it.
@@ -176,6 +183,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Where the FHIR API listens, when `[fhir]` is configured.
     pub fhir_addr: Option<SocketAddr>,
+    /// The control plane, if `[control]` is configured.
+    pub control_plane: Option<crate::control_plane::ControlPlaneHandle>,
     control: ControlHandle,
     task: tokio::task::JoinHandle<Result<(), DaemonError>>,
     /// Accept loop, parent dialers, metrics server: stopped on shutdown.
@@ -246,6 +255,15 @@ impl ControlHandle {
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Input::Shutdown).await;
     }
+    /// Loads a CRL (PEM with its issuer's chain): data-plane links it revokes close
+    /// and, with a control plane, it is gossiped to the federation. Returns the issuer.
+    pub async fn load_crl(&self, pem: String) -> Result<Result<String, String>, DaemonError> {
+        self.ask(|tx| Input::LoadCrl(pem, tx)).await
+    }
+    /// The fresh capacity adverts the core holds from other nodes.
+    pub async fn known_adverts(&self) -> Result<Vec<federation_proto::CapacityAdvert>, DaemonError> {
+        self.ask(Input::KnownAdverts).await
+    }
 }
 
 /// Blobs each peer may read: the attachments of cases offered to it.
@@ -269,6 +287,8 @@ struct Core {
     /// The rate cap on what this node serves to peers (a village's uplink), shared
     /// by every link.
     upload_pacer: Option<Arc<transfer::Pacer>>,
+    trust: Arc<TrustStore>,
+    control: Option<control_glue::ControlGlue>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -325,6 +345,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     let deid = Arc::new(crate::deid::Deidentifier::from_node_key(&signing_key));
     let records = store.load().await?;
     let restored = records.len();
+    let control_key = signing_key.clone();
     let core = Node::restore(node_config, signing_key, records, now());
 
     let verifier = Arc::new(FederationVerifier::new(trust.clone()));
@@ -421,6 +442,26 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         }));
         tracing::info!(addr = ?fhir_addr, "FHIR R4 API listening");
     }
+    // Control plane (libp2p), if configured.
+    let control = match &config.control {
+        Some(control) => {
+            let parts = control_glue::GlueParts {
+                control,
+                config: &config,
+                key: &control_key,
+                creds: &creds,
+                trust: trust.clone(),
+                me: me.clone(),
+                endpoint: endpoint.clone(),
+                claim: claim.clone(),
+                data_addr: addr,
+                tx: tx.clone(),
+            };
+            Some(control_glue::start(parts, &mut background).await?)
+        }
+        None => None,
+    };
+    let control_plane = control.as_ref().map(|c| c.handle.clone());
 
     let limits = TransferLimits {
         chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
@@ -442,6 +483,8 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         metrics: metrics.clone(),
         limits,
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
+        trust: trust.clone(),
+        control,
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -449,6 +492,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         addr,
         metrics,
         fhir_addr,
+        control_plane,
         control: ControlHandle { tx },
         task,
         background,
@@ -636,6 +680,7 @@ impl Core {
                 _ = sleep => self.core.handle_timeout(now()),
             }
             self.drain().await?;
+            self.control_after_input();
         }
         Ok(())
     }
@@ -669,9 +714,11 @@ impl Core {
                     self.authorized.clone(),
                     self.upload_pacer.clone(),
                 ));
+                let name = peer.name.clone();
                 if let Err(e) = self.core.handle_peer_up(t, peer) {
                     tracing::warn!("{e}");
                 }
+                self.control_peer_up(t, &name);
             }
             Input::PeerDown { peer, connection_id } => {
                 if self.links.get(&peer).is_some_and(|l| l.connection.stable_id() == connection_id) {
@@ -679,6 +726,7 @@ impl Core {
                     self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
                     let _ = self.store.audit(t, "link.down", None, Some(peer.as_str()), "").await;
                     self.core.handle_peer_down(t, &peer);
+                    self.control_peer_down(t, &peer).await;
                 }
             }
             Input::Message { from, message } => {
@@ -736,6 +784,15 @@ impl Core {
                 }
             }
             Input::Shutdown => {}
+            Input::Control(event) => self.on_control(t, *event).await,
+            Input::AdvertTick => self.publish_advert(t),
+            Input::LoadCrl(pem, reply) => {
+                let result = self.load_crl(pem).await;
+                let _ = reply.send(result);
+            }
+            Input::KnownAdverts(reply) => {
+                let _ = reply.send(self.known_adverts(t));
+            }
         }
     }
 

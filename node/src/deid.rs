@@ -1,4 +1,4 @@
-//! The node's half of the privacy boundary (ADR 0004): pseudonyms and DICOM
+//! The node's half of the privacy boundary (ADR 0005): pseudonyms and DICOM
 //! de-identification, done at the origin when a case is submitted.
 //!
 //! - [`Deidentifier::pseudonym`]: a stable pseudonym for a patient ID, HMAC-SHA256

@@ -284,6 +284,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             store: None,
             privacy: Default::default(),
             fhir: None,
+            control: Some(crate::control_plane::ControlConfig::loopback()),
         });
     }
     Ok(configs)
@@ -307,14 +308,21 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
     println!("Seven-tier demo federation: {} nodes on loopback, data in {}", plan.len(), tmp.display());
     let mut running: Vec<daemon::Running> = Vec::new();
     let mut addrs: BTreeMap<String, std::net::SocketAddr> = BTreeMap::new();
+    let mut control_addrs: BTreeMap<String, String> = BTreeMap::new();
     for (p, config) in plan.iter().zip(configs.iter_mut()) {
         if let Some(parent) = &p.parent {
             let parent_tier = plan.iter().find(|q| &q.name == parent).map(|q| q.tier).expect("parent planned");
             config.parents =
                 vec![crate::config::ParentConfig { name: parent.clone(), tier: parent_tier, addr: addrs[parent] }];
         }
+        if let (Some(control), Some(parent)) = (config.control.as_mut(), &p.parent) {
+            control.bootstrap = control_addrs.get(parent).cloned().into_iter().collect();
+        }
         let node = daemon::start(config.clone()).await?;
         addrs.insert(p.name.clone(), node.addr);
+        if let Some(a) = node.control_plane.as_ref().and_then(|c| c.bootstrap_addr()) {
+            control_addrs.insert(p.name.clone(), a);
+        }
         println!("  {:<14} {:<44} {}", p.tier.to_string(), p.name, node.addr);
         running.push(node);
     }
@@ -389,7 +397,7 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
         println!("Federation running; Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     }
-    for node in running {
+    for node in running.into_iter().rev() {
         let _ = node.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&tmp);

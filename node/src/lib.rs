@@ -9,12 +9,14 @@
 pub mod blobs;
 pub mod config;
 pub mod control;
+pub mod control_plane;
 pub mod daemon;
 pub mod deid;
 pub mod demo;
 pub mod fhir;
 pub mod ingest;
 pub mod loadgen;
+pub mod readers;
 pub mod store;
 pub mod transfer;
 pub mod transport;

@@ -476,6 +476,9 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
 #[path = "node/chaos.rs"]
 mod chaos;
 
+#[path = "node/control_plane.rs"]
+mod control_plane;
+
 mod federation_processes {
     use federation_proto::{Modality, Tier};
     use node::config::{Config, ParentConfig};

@@ -25,7 +25,7 @@ use crate::scenario::{Dist, Fault, ModelCapacity, Scenario, ScenarioError};
 use crate::topology::Topology;
 use federation_proto::{
     AttachmentRef, CaseId, ContentHash, Label, Message, Millis, Modality, NodeName, PatientRef, Priority, PublicKey,
-    Tier, Urgency,
+    SignedEnvelope, Tier, Urgency,
 };
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -154,6 +154,13 @@ enum Ev {
     /// Bookkeeping, not simulation: drop a finished case from the cores that held it.
     Archive {
         case_id: CaseId,
+    },
+    /// Every live node publishes its capacity advert.
+    AdvertTick,
+    /// An advert reaches a node that may send cases to its publisher.
+    AdvertArrives {
+        node: u32,
+        advert: Box<SignedEnvelope>,
     },
 }
 
@@ -358,6 +365,9 @@ impl Engine {
         }
         engine.schedule(HOUR_MS, Ev::HourTick);
         engine.schedule(0, Ev::Sample);
+        if engine.scenario.adverts.is_some() {
+            engine.schedule(0, Ev::AdvertTick);
+        }
         Ok(engine)
     }
 
@@ -529,6 +539,14 @@ impl Engine {
                 self.cut.insert((a.min(b), a.max(b)));
             }
             Ev::Archive { case_id } => self.archive(case_id),
+            Ev::AdvertTick => self.on_advert_tick(),
+            Ev::AdvertArrives { node, advert } => {
+                if let Some(core) = self.cores[node as usize].as_mut() {
+                    // An advert that expired on the way is dropped by the core, as a real
+                    // node drops it; one older than the one held is ignored.
+                    let _ = core.handle_advert(Millis(EPOCH_MS + self.now), &advert);
+                }
+            }
             Ev::Heal { a, b } => {
                 self.trace_event(a, 3, None);
                 self.cut.remove(&(a.min(b), a.max(b)));
@@ -537,6 +555,44 @@ impl Engine {
                 self.pump(a);
                 self.pump(b);
             }
+        }
+    }
+
+    // ----- capacity adverts (control plane) -----
+
+    /// Each live node signs its capacity now; each node that lists it upstream gets
+    /// the advert `hops × hop_delay` later, hops being the tiers between them.
+    fn on_advert_tick(&mut self) {
+        let Some(spec) = self.scenario.adverts.clone() else { return };
+        let now = Millis(EPOCH_MS + self.now);
+        let validity_ms = (spec.validity_s * 1000.0) as u64;
+        let hop_ms = (spec.hop_delay_s * 1000.0) as u64;
+        let mut signed: HashMap<u32, SignedEnvelope> = HashMap::new();
+        let mut deliveries = Vec::new();
+        for (m, node) in self.topo.nodes.iter().enumerate() {
+            if self.cores[m].is_none() {
+                continue;
+            }
+            for &u in &node.upstream {
+                let advert = match signed.get(&u) {
+                    Some(a) => a.clone(),
+                    None => {
+                        let Some(core) = self.cores[u as usize].as_ref() else { continue };
+                        let Ok(a) = core.capacity_advert_for(now, validity_ms) else { continue };
+                        signed.insert(u, a.clone());
+                        a
+                    }
+                };
+                let hops = (self.topo.nodes[u as usize].tier as u64).saturating_sub(node.tier as u64).max(1);
+                deliveries.push((self.now + hops * hop_ms, m as u32, advert));
+            }
+        }
+        for (at, node, advert) in deliveries {
+            self.schedule(at, Ev::AdvertArrives { node, advert: Box::new(advert) });
+        }
+        let next = self.now + ((spec.interval_s * 1000.0) as u64).max(1);
+        if self.now < self.arrivals_end || self.open_cases > 0 {
+            self.schedule(next, Ev::AdvertTick);
         }
     }
 

@@ -52,6 +52,30 @@ pub struct Scenario {
     pub links: Links,
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Capacity adverts over the control plane (absent: no adverts, so no node
+    /// ever skips a tier on capacity grounds).
+    #[serde(default)]
+    pub adverts: Option<Adverts>,
+}
+
+/// How capacity adverts spread: every node publishes its signed capacity every
+/// `interval_s`; an advert reaches a node `hop_delay_s` per tier between them later
+/// (gossip relayed up or down the hierarchy, one hop per tier). A node's view of
+/// another's capacity is therefore up to `interval_s + hops × hop_delay_s` old.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adverts {
+    pub interval_s: f64,
+    #[serde(default)]
+    pub hop_delay_s: f64,
+    /// How long an advert stays valid after it is issued (default: 5 min, the
+    /// core's default validity).
+    #[serde(default = "default_advert_validity_s")]
+    pub validity_s: f64,
+}
+
+fn default_advert_validity_s() -> f64 {
+    300.0
 }
 
 fn default_drain_h() -> f64 {
@@ -431,6 +455,17 @@ impl Scenario {
                 }
             }
         }
+        if let Some(a) = &self.adverts {
+            if !finite_pos(a.interval_s) {
+                return Err(invalid("adverts.interval_s", "must be a positive number of seconds"));
+            }
+            if !(a.hop_delay_s.is_finite() && a.hop_delay_s >= 0.0) {
+                return Err(invalid("adverts.hop_delay_s", "must be zero or a positive number of seconds"));
+            }
+            if !finite_pos(a.validity_s) {
+                return Err(invalid("adverts.validity_s", "must be a positive number of seconds"));
+            }
+        }
         for (i, f) in self.faults.iter().enumerate() {
             let (start, dur) = match f {
                 Fault::Outage { start_h, duration_h, .. } | Fault::Partition { start_h, duration_h, .. } => {
@@ -500,6 +535,7 @@ pub fn erlang_scenario(lambda_per_h: f64, mu_per_h: f64, c: u32, hours: f64) -> 
         }],
         links: Links::default(),
         faults: vec![],
+        adverts: None,
     }
 }
 

@@ -247,3 +247,68 @@ fn keyed_hash_crypto_gives_the_trace_of_real_ed25519() {
     assert_eq!(fast.trace_hash, real.trace_hash);
     assert_eq!(fast.turnaround, real.turnaround);
 }
+
+/// A township that may skip its county for the city; the county reads ECGs only in
+/// hours 0–4. Adverts tell the township when the county has nobody on duty.
+fn stale_advert_scenario(adverts: &str) -> Scenario {
+    let text = format!(
+        r#"
+        name = "advert-delay"
+        duration_h = 8
+        drain_h = 12
+        [topology]
+        nodes = [
+          {{ name = "v1.t1.c1.y1", tier = "village", parent = "t1.c1.y1" }},
+          {{ name = "v2.t1.c1.y1", tier = "village", parent = "t1.c1.y1" }},
+          {{ name = "t1.c1.y1", tier = "township", parent = "c1.y1", alternates = ["y1"] }},
+          {{ name = "c1.y1", tier = "county", parent = "y1" }},
+          {{ name = "y1", tier = "city" }},
+        ]
+        [workload]
+        cases_per_origin_per_day = 48
+        mix = [{{ modality = "ecg", urgency = "urgent", task = "ecg.rhythm", weight = 1, attachment_bytes = [50000] }}]
+        [[capacity]]
+        tier = "county"
+        experts = [{{ modality = "ecg", shifts = [{{ start_h = 0, end_h = 4, on_duty = 2 }}], service_min = {{ dist = "fixed", value = 5 }} }}]
+        [[capacity]]
+        tier = "city"
+        experts = [{{ modality = "ecg", on_duty = 4, service_min = {{ dist = "fixed", value = 5 }} }}]
+        {adverts}
+    "#
+    );
+    Scenario::from_toml(&text, "advert-delay").unwrap()
+}
+
+#[test]
+fn stale_adverts_send_cases_to_a_county_that_has_gone_off_duty() {
+    let none = run_ok(stale_advert_scenario(""), 5).metrics;
+    let fresh =
+        run_ok(stale_advert_scenario("[adverts]\ninterval_s = 30\nhop_delay_s = 1\nvalidity_s = 600"), 5).metrics;
+    let stale =
+        run_ok(stale_advert_scenario("[adverts]\ninterval_s = 30\nhop_delay_s = 7200\nvalidity_s = 14400"), 5).metrics;
+    for m in [&none, &fresh, &stale] {
+        assert_eq!(m.cases_submitted, none.cases_submitted, "same seed, same arrivals");
+    }
+    let county = |m: &simulator::metrics::Metrics| m.load_at("county", "ecg");
+    eprintln!(
+        "cases {} through the county: no adverts {}, fresh adverts {}, 2 h stale adverts {}",
+        none.cases_submitted,
+        county(&none),
+        county(&fresh),
+        county(&stale)
+    );
+    // Without adverts every case passes the county, on duty or not.
+    assert_eq!(county(&none), none.cases_submitted);
+    // Fresh adverts: after the shift ends, the township skips the county (about
+    // half the 8 hours of arrivals).
+    assert!(county(&fresh) < none.cases_submitted * 3 / 4, "fresh: {} of {}", county(&fresh), none.cases_submitted);
+    // Adverts two hours old: the township keeps trusting the county's last shift
+    // for two more hours, so more cases take the useless hop through it.
+    assert!(
+        county(&stale) > county(&fresh) + none.cases_submitted / 8,
+        "stale {} vs fresh {} of {}",
+        county(&stale),
+        county(&fresh),
+        none.cases_submitted
+    );
+}

@@ -772,7 +772,13 @@ impl Node {
 
     /// This node's capacity right now, signed, for gossip and direct links.
     pub fn capacity_advert(&self, now: Millis) -> Result<SignedEnvelope, ActionError> {
-        let capacity = Modality::ALL
+        self.capacity_advert_for(now, ADVERT_VALIDITY_MS)
+    }
+
+    /// This node's capacity per modality right now (what [`Node::capacity_advert`]
+    /// signs), so a driver can tell whether it changed without signing anything.
+    pub fn capacity(&self) -> Vec<ModalityCapacity> {
+        Modality::ALL
             .into_iter()
             .map(|modality| {
                 let pool = self.pool(modality);
@@ -791,15 +797,55 @@ impl Node {
                     eta_ms: pool.and_then(|p| p.eta_ms(queue_len)).unwrap_or(u64::MAX),
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// As [`Node::capacity_advert`], valid for `ttl_ms` instead of
+    /// [`ADVERT_VALIDITY_MS`] (the control plane's configured advert TTL).
+    pub fn capacity_advert_for(&self, now: Millis, ttl_ms: u64) -> Result<SignedEnvelope, ActionError> {
         let advert = CapacityAdvert {
             node: self.config.name.clone(),
             tier: self.config.tier,
             issued_at: now,
-            valid_until: now.saturating_add(ADVERT_VALIDITY_MS),
-            capacity,
+            valid_until: now.saturating_add(ttl_ms),
+            capacity: self.capacity(),
         };
         self.sign_only(content_type::ADVERT, &advert)
+    }
+
+    /// Fresh adverts received from other nodes (expired ones are not returned).
+    pub fn known_adverts(&self, now: Millis) -> impl Iterator<Item = &CapacityAdvert> {
+        self.adverts.values().filter(move |a| a.is_fresh(now)).map(|a| &a.advert)
+    }
+
+    /// The driver found an alternate upstream at run time (e.g. the control plane saw
+    /// an admitted, certificate-checked node of a higher tier advertise while the
+    /// parent is unreachable). It joins the upstream list after every candidate of
+    /// the same or a lower tier, so the configured order is kept. Cases stranded on
+    /// an unreachable peer are rerouted at once. Returns false (and changes nothing)
+    /// if the node is already a candidate or is not of a higher tier than this one.
+    pub fn handle_upstream_added(&mut self, now: Millis, upstream: Upstream) -> bool {
+        if upstream.tier <= self.config.tier || self.config.upstream.iter().any(|u| u.name == upstream.name) {
+            return false;
+        }
+        let at = self.config.upstream.iter().position(|u| u.tier > upstream.tier).unwrap_or(self.config.upstream.len());
+        self.config.upstream.insert(at, upstream);
+        let stranded: Vec<(CaseId, NodeName)> = self
+            .cases
+            .iter()
+            .filter_map(|(id, c)| match &c.status {
+                CaseStatus::Forwarding { to, answered: false, .. } if self.down.contains(to) => Some((*id, to.clone())),
+                _ => None,
+            })
+            .collect();
+        for (id, to) in stranded {
+            self.reroute(now, id, to);
+        }
+        let waiting: Vec<CaseId> = self.counts.no_capacity.iter().copied().collect();
+        for id in waiting {
+            self.decide_after_model(now, id, None);
+        }
+        true
     }
 
     /// Who is on duty changed (a shift change). Queued cases are re-checked at their

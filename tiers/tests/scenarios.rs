@@ -231,6 +231,37 @@ fn parent_down_sends_case_to_alternate_parent() {
 }
 
 #[test]
+fn alternate_found_at_run_time_takes_the_case_stranded_on_a_dead_parent() {
+    let mut h = chain_with_alternate(9);
+    // The village knows only its primary; the alternate is learnt later (control plane).
+    h.configure("village", |c| c.upstream.retain(|u| u.name.as_str() != "township2"));
+    experts_everywhere(&mut h, "county", Modality::Imaging);
+    h.crash("township");
+    let case = h.submit("village", Modality::Imaging, Urgency::Urgent, "fracture?");
+    h.run_for(5 * MIN);
+    assert!(
+        matches!(&h.case_at("village", case).unwrap().status, CaseStatus::Forwarding { to, .. } if to.as_str() == "township"),
+        "with no alternate the case keeps waiting on the dead primary"
+    );
+    assert!(h.case_at("county", case).is_none());
+
+    let now = h.now;
+    let alternate =
+        Upstream { name: "township2".into(), tier: Tier::Township, public_key: Some(public_key_for("township2")) };
+    assert!(h.core_mut("village").handle_upstream_added(now, alternate.clone()));
+    assert!(!h.core_mut("village").handle_upstream_added(now, alternate), "added once");
+    let same_tier = Upstream { name: "village2".into(), tier: Tier::Village, public_key: None };
+    assert!(!h.core_mut("village").handle_upstream_added(now, same_tier), "never a peer of the same tier");
+    h.pump_all();
+    h.run_for(20 * MIN);
+
+    let trail = hops(&h, "county", case);
+    assert_eq!(trail[0].to.as_str(), "township2");
+    assert_eq!(report_at(&h, "village", case).node.as_str(), "county");
+    assert_invariants(&h);
+}
+
+#[test]
 fn duplicate_offer_creates_no_duplicate_case_or_report() {
     let mut h = Harness::seven_tier_chain(8);
     experts_everywhere(&mut h, "county", Modality::Ecg);

@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         question: String,
         /// The patient ID (e.g. ID-card number). Only its pseudonym leaves this node
-        /// (see docs/adr/0004-privacy-boundary-at-the-origin.md).
+        /// (see docs/adr/0005-privacy-boundary-at-the-origin.md).
         #[arg(long)]
         patient: String,
         /// The patient's name, birth date, address and phone: kept here and sent only
