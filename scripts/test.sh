@@ -4,6 +4,7 @@
 #
 # - dcmtk: a standard DICOM SCU (storescu, echoscu) for the C-STORE receiver tests,
 #   from Debian's packages (needs root or sudo, as on the project's machines and CI).
+# - scripts/deps/*.sh: a private PostgreSQL cluster, the FHIR validator venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,7 @@ if ! command -v storescu >/dev/null 2>&1; then
 fi
 
 bash scripts/deps/chromium.sh  # headless Chromium + chromedriver for the web UI's browser test
+bash scripts/deps/postgres.sh  # PostgreSQL for the store suite
+bash scripts/deps/python-fhir.sh  # fhir.resources, the independent FHIR R4 validator
+
 cargo test --workspace "$@"

@@ -30,6 +30,7 @@ pub mod content_type {
     pub const REPORT_RECEIPT: &str = "application/telemed.report-receipt+cbor";
     pub const ADVERT: &str = "application/telemed.capacity-advert+cbor";
     pub const RECALL: &str = "application/telemed.recall+cbor";
+    pub const PATIENT_IDENTITY: &str = "application/telemed.patient-identity+cbor";
 }
 
 /// A COSE_Sign1 structure, kept as the exact bytes that were received or made.

@@ -96,6 +96,40 @@ pub struct PatientRef {
     pub age_years: Option<u16>,
 }
 
+/// A patient's direct identifiers, signed by the origin as a separate envelope
+/// ([`crate::content_type::PATIENT_IDENTITY`]) that travels beside the case only to
+/// nodes the federation's privacy policy allows (never above the boundary, never
+/// to an international node). The manifest itself never carries them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientIdentity {
+    pub case_id: CaseId,
+    /// The pseudonym the manifest carries, tying the two together.
+    pub pseudonym: String,
+    /// The patient ID or national ID-card number.
+    pub patient_id: String,
+    #[serde(default)]
+    pub name: String,
+    /// As written at the origin (e.g. `1980-01-01`).
+    #[serde(default)]
+    pub birth_date: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub phone: String,
+}
+
+/// An attachment the origin de-identified before signing the manifest: which
+/// original it was made from (the original stays at the origin) and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deidentification {
+    /// The de-identified attachment, as listed in `attachments`.
+    pub hash: ContentHash,
+    /// The identified original, held only at the origin.
+    pub original_hash: ContentHash,
+    /// E.g. the DICOM PS3.15 profile applied.
+    pub method: String,
+}
+
 /// Whether an attachment should travel before bulk data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +169,9 @@ pub struct CaseManifest {
     /// The report is wanted by then; set by the origin from its deadline policy.
     pub deadline_at: Millis,
     pub attachments: Vec<AttachmentRef>,
+    /// Attachments de-identified at the origin, with their originals' hashes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deidentified: Vec<Deidentification>,
 }
 
 /// Why a case left a node for the next one.
@@ -244,6 +281,10 @@ pub struct CaseOffer {
     pub trail: Vec<SignedEnvelope>,
     /// Signed [`Finding`]s made so far.
     pub findings: Vec<SignedEnvelope>,
+    /// The origin-signed [`PatientIdentity`], only where the privacy policy lets
+    /// the receiver hold direct identifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<SignedEnvelope>,
 }
 
 /// The receiver takes the case and asks for the attachments it does not hold yet.

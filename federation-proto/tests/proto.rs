@@ -107,6 +107,7 @@ fn manifest() -> CaseManifest {
                 priority: Priority::Bulk,
             },
         ],
+        deidentified: vec![],
     }
 }
 
@@ -415,6 +416,7 @@ fn golden_messages() -> Vec<Message> {
             manifest: sign(&manifest()),
             trail: hops().iter().map(sign).collect(),
             findings: findings().iter().map(sign).collect(),
+            identity: None,
         }),
         Message::OfferAccept(OfferAccept { case_id: case_id(), missing: vec![ecg_hash(), xray_hash()] }),
         Message::AlreadyHave(AlreadyHave { case_id: case_id() }),
@@ -767,6 +769,7 @@ fn arb_manifest() -> BoxedStrategy<CaseManifest> {
                 created_at,
                 deadline_at,
                 attachments,
+                deidentified: vec![],
             },
         )
         .boxed()
@@ -945,7 +948,9 @@ fn arb_message() -> BoxedStrategy<Message> {
         (any::<u16>(), arb_node_claim())
             .prop_map(|(protocol_version, node)| Message::HelloAck(HelloAck { protocol_version, node })),
         (arb_envelope(arb_manifest().prop_map(Body::Manifest).boxed()), envelopes(hop, 3), envelopes(finding, 3))
-            .prop_map(|(manifest, trail, findings)| Message::CaseOffer(CaseOffer { manifest, trail, findings })),
+            .prop_map(|(manifest, trail, findings)| {
+                Message::CaseOffer(CaseOffer { manifest, trail, findings, identity: None })
+            }),
         (arb_case_id(), prop::collection::vec(arb_hash(), 0..4))
             .prop_map(|(case_id, missing)| Message::OfferAccept(OfferAccept { case_id, missing })),
         arb_case_id().prop_map(|case_id| Message::AlreadyHave(AlreadyHave { case_id })),

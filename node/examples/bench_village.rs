@@ -122,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         question: "footprint benchmark".into(),
         patient: "bench".into(),
         task: None,
+        details: Default::default(),
     };
     let t = Instant::now();
     let Response::Submitted { case_id } =

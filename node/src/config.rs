@@ -84,6 +84,35 @@ fn default_poll_ms() -> u64 {
     2_000
 }
 
+/// Where the store lives, when not in the data directory's SQLite file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/db` (hubs); TLS with `?sslmode=verify-full`.
+    /// `TELEMED_STORE_URL` overrides it (keeps a password out of the file).
+    pub url: String,
+}
+
+/// The federation's privacy policy as this node applies it (the same at every node).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The highest tier allowed to hold a patient's direct identifiers. Absent: the
+    /// origin's own tier (identifiers never leave the clinic). International is
+    /// never allowed, whatever this says.
+    #[serde(default)]
+    pub identifiers_up_to: Option<Tier>,
+}
+
+/// The FHIR R4 API for hospital systems (hubs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirConfig {
+    pub listen: SocketAddr,
+    /// A file holding the bearer token clients must send (mode 0600).
+    pub token_file: PathBuf,
+}
+
 /// Everything in `node.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +145,15 @@ pub struct Config {
     /// A watched inbox folder (optional).
     #[serde(default)]
     pub inbox: Option<InboxConfig>,
+    /// PostgreSQL instead of the embedded SQLite file (optional, hubs).
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
+    /// The privacy boundary (optional; the default keeps identifiers at the origin).
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    /// The FHIR R4 API (optional, hubs).
+    #[serde(default)]
+    pub fhir: Option<FhirConfig>,
     /// The libp2p control plane (optional): admission, adverts, CRL gossip, discovery.
     #[serde(default)]
     pub control: Option<crate::control_plane::ControlConfig>,
@@ -194,6 +232,9 @@ impl Config {
         if let Some(v) = get("TELEMED_LISTEN") {
             self.listen = v.parse().map_err(|e| ConfigError::Env { var: "TELEMED_LISTEN", message: format!("{e}") })?;
         }
+        if let Some(v) = get("TELEMED_STORE_URL") {
+            self.store = Some(StoreConfig { url: v });
+        }
         if let Some(v) = get("TELEMED_METRICS") {
             self.metrics =
                 Some(v.parse().map_err(|e| ConfigError::Env { var: "TELEMED_METRICS", message: format!("{e}") })?);
@@ -214,6 +255,9 @@ impl Config {
         self.tls.crls.iter_mut().for_each(fix);
         if let Some(inbox) = &mut self.inbox {
             fix(&mut inbox.dir);
+        }
+        if let Some(fhir) = &mut self.fhir {
+            fix(&mut fhir.token_file);
         }
     }
 
@@ -257,6 +301,13 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("node.sqlite")
+    }
+    /// The store to open: `[store] url` if set, else the SQLite file [`Self::db_path`].
+    pub fn store_location(&self) -> crate::store::StoreLocation {
+        match &self.store {
+            Some(s) => crate::store::StoreLocation::Postgres(s.url.clone()),
+            None => crate::store::StoreLocation::Sqlite(self.db_path()),
+        }
     }
     pub fn blob_dir(&self) -> PathBuf {
         self.data_dir.join("blobs")

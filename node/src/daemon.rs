@@ -13,7 +13,7 @@
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
-use crate::store::SqliteStore;
+use crate::store::Store;
 use crate::transfer::{self, TransferLimits};
 use crate::transport::{self, AcceptPolicy, Link, LiveLinks};
 use crate::view::{CaseView, now};
@@ -73,9 +73,28 @@ pub struct SubmitRequest {
     pub modality: federation_proto::Modality,
     pub urgency: federation_proto::Urgency,
     pub question: String,
+    /// The patient ID (e.g. the national ID-card number). It never leaves this node
+    /// as such: the case carries a pseudonym of it (see `deid.rs`, ADR 0005).
     pub patient: String,
     #[serde(default)]
     pub task: Option<String>,
+    /// Further direct identifiers, kept beside the case and sent only to tiers the
+    /// privacy policy allows.
+    #[serde(default)]
+    pub details: PatientDetails,
+}
+
+/// A patient's direct identifiers besides the ID (all optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatientDetails {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub birth_date: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub phone: String,
 }
 
 /// What `status` reports.
@@ -249,6 +268,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// Where the web UI listens, when the configuration has a `[web]` section.
     pub web_addr: Option<SocketAddr>,
+    /// Where the FHIR API listens, when `[fhir]` is configured.
+    pub fhir_addr: Option<SocketAddr>,
     /// The control plane, if `[control]` is configured.
     pub control_plane: Option<crate::control_plane::ControlPlaneHandle>,
     control: ControlHandle,
@@ -366,9 +387,11 @@ type Authorized = Arc<Mutex<BTreeMap<NodeName, BTreeSet<ContentHash>>>>;
 struct Core {
     config: Config,
     core: Node,
-    store: SqliteStore,
+    store: Store,
     blobs: BlobStore,
     studies: crate::ingest::StudyStore,
+    /// Pseudonyms and DICOM de-identification at submission (privacy boundary).
+    deid: Arc<crate::deid::Deidentifier>,
     links: BTreeMap<NodeName, Link>,
     live: LiveLinks,
     authorized: Authorized,
@@ -412,7 +435,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| DaemonError::Config(format!("{}: {e}", config.data_dir.display())))?;
-    let store = SqliteStore::open(&config.db_path(), signing_key.clone()).await?;
+    let store = Store::open(&config.store_location(), signing_key.clone()).await?;
     let blobs = BlobStore::open(&config.blob_dir())?;
     let studies = crate::ingest::StudyStore::open(&config.data_dir)
         .map_err(|e| DaemonError::Config(format!("study store in {}: {e}", config.data_dir.display())))?;
@@ -434,6 +457,8 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         .map(|e| ExpertPool { modality: e.modality, on_duty: e.on_duty, service_ms: e.service_min * 60_000 })
         .collect();
     node_config.seed = rand::random();
+    node_config.privacy = tiers::PrivacyPolicy { identifiers_up_to: config.privacy.identifiers_up_to };
+    let deid = Arc::new(crate::deid::Deidentifier::from_node_key(&signing_key));
     let records = store.load().await?;
     let restored = records.len();
     let control_key = signing_key.clone();
@@ -505,6 +530,34 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         }
     }
 
+    // The FHIR R4 API for hospital systems (hubs).
+    let mut fhir_addr = None;
+    if let Some(fhir) = &config.fhir {
+        let token = std::fs::read_to_string(&fhir.token_file)
+            .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", fhir.token_file.display())))?;
+        let token = token.trim();
+        if token.len() < 16 {
+            return Err(DaemonError::Config(format!(
+                "FHIR token in {} is shorter than 16 characters",
+                fhir.token_file.display()
+            )));
+        }
+        let listener = tokio::net::TcpListener::bind(fhir.listen)
+            .await
+            .map_err(|e| DaemonError::Config(format!("FHIR listener {}: {e}", fhir.listen)))?;
+        fhir_addr = listener.local_addr().ok();
+        let app = crate::fhir::router(crate::fhir::FhirState {
+            store: store.clone(),
+            node: config.node_name(),
+            token: token.into(),
+        });
+        background.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!("FHIR API stopped: {e}");
+            }
+        }));
+        tracing::info!(addr = ?fhir_addr, "FHIR R4 API listening");
+    }
     // Control plane (libp2p), if configured.
     let control = match &config.control {
         Some(control) => {
@@ -558,6 +611,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         store,
         blobs,
         studies,
+        deid,
         links: BTreeMap::new(),
         live: LiveLinks::default(),
         authorized,
@@ -575,6 +629,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         name: config.node_name(),
         addr,
         metrics,
+        fhir_addr,
         control_plane,
         control: handle,
         web_addr,
@@ -962,20 +1017,50 @@ impl Core {
             return Err("a case needs at least one file (or a received study)".into());
         }
         let mut attachments = Vec::new();
-        for path in &files {
-            let (hash, size) = self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut deidentified = Vec::new();
+        let scratch = self.config.data_dir.join("deid-scratch");
+        std::fs::create_dir_all(&scratch).map_err(|e| format!("scratch directory {}: {e}", scratch.display()))?;
+        for (i, path) in files.iter().enumerate() {
             let mut head = vec![0u8; 132];
             let n = {
                 use std::io::Read;
                 std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0)
             };
             let media_type = media_type_of(path, &head[..n]);
+            // DICOM is de-identified here, at the origin, before the manifest is signed;
+            // the identified original stays in this node's blob store only.
+            let (hash, size) = if crate::deid::is_dicom(&head[..n]) {
+                let (original, _) =
+                    self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+                let out = scratch.join(format!("{}-{i}.dcm", hex::encode(rand::random::<[u8; 8]>())));
+                let (src, dst, deid) = (path.clone(), out.clone(), self.deid.clone());
+                tokio::task::spawn_blocking(move || deid.deidentify_file(&src, &dst))
+                    .await
+                    .map_err(|e| format!("de-identification task: {e}"))?
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let imported = self.blobs.import_file(&out).await.map_err(|e| format!("{}: {e}", out.display()));
+                let _ = std::fs::remove_file(&out);
+                let (hash, size) = imported?;
+                deidentified.push(federation_proto::Deidentification {
+                    hash,
+                    original_hash: original,
+                    method: crate::deid::DEIDENTIFICATION_METHOD.into(),
+                });
+                (hash, size)
+            } else {
+                self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?
+            };
             let priority = if req.modality == federation_proto::Modality::Ecg || size <= 2 * 1024 * 1024 {
                 Priority::Urgent
             } else {
                 Priority::Bulk
             };
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            // File names often carry the patient's name: only the position travels.
+            let name = format!(
+                "attachment-{}{}",
+                i + 1,
+                path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default()
+            );
             attachments.push(AttachmentRef { hash, size_bytes: size, media_type: media_type.into(), name, priority });
         }
         let new = NewCase {
@@ -984,8 +1069,18 @@ impl Core {
             task: req.task.unwrap_or_else(|| default_task(req.modality).into()),
             urgency: req.urgency,
             clinical_question: req.question,
-            patient: PatientRef { pseudonym: req.patient, sex: None, age_years: None },
+            patient: PatientRef { pseudonym: self.deid.pseudonym(&req.patient), sex: None, age_years: None },
             attachments,
+            deidentified,
+            identity: Some(federation_proto::PatientIdentity {
+                case_id: CaseId([0; 16]), // filled in by the core
+                pseudonym: String::new(), // filled in by the core
+                patient_id: req.patient,
+                name: req.details.name,
+                birth_date: req.details.birth_date,
+                address: req.details.address,
+                phone: req.details.phone,
+            }),
         };
         let id = self.core.handle_submit(t, new).map_err(|e| e.to_string())?;
         self.metrics.cases_submitted.fetch_add(1, Ordering::Relaxed);

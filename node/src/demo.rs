@@ -290,6 +290,9 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             dicom: None,
             inbox: None,
             web: None,
+            store: None,
+            privacy: Default::default(),
+            fhir: None,
             control: Some(crate::control_plane::ControlConfig::loopback()),
         });
     }
@@ -384,6 +387,7 @@ pub async fn run_federation(headless: bool) -> anyhow::Result<bool> {
             question: question.into(),
             patient: format!("demo-patient-{k:02}"),
             task: None,
+            details: Default::default(),
         };
         let id = running[vi].submit(req).await?.map_err(|e| anyhow::anyhow!("submit at {}: {e}", plan[vi].name))?;
         cases.push((vi, id, std::time::Instant::now()));

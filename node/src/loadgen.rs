@@ -165,6 +165,7 @@ impl PlayedChild {
                 name: "case.dcm".into(),
                 priority: Priority::Urgent,
             }],
+            deidentified: vec![],
         };
         self.blobs.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, attachment);
         let hop = HopRecord {
@@ -185,6 +186,7 @@ impl PlayedChild {
                 .expect("encodes"),
             trail: vec![SignedEnvelope::sign(&parts.hop_key, content_type::HOP, &parts.hop).expect("encodes")],
             findings: vec![],
+            identity: None,
         }
     }
 

@@ -58,6 +58,9 @@ const AUDIT_HASH_DOMAIN: &[u8] = b"telemed-audit-v1\0";
 /// SQLite's primary result code for "database or disk is full".
 const SQLITE_FULL: i32 = 13;
 
+mod postgres;
+pub use postgres::{PgStore, redact_url};
+
 /// One embedded schema migration.
 struct Migration {
     version: i64,
@@ -121,6 +124,9 @@ impl StoreError {
 
 fn is_disk_full(e: &sqlx::Error) -> bool {
     match e {
+        // PostgreSQL's SQLSTATE 53100 disk_full.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("53100") => true,
+        sqlx::Error::Database(d) if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => false,
         sqlx::Error::Database(d) => {
             d.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == SQLITE_FULL)
         }
@@ -213,6 +219,125 @@ impl Writer {
     }
 }
 
+/// Where a node keeps its store: the embedded SQLite file (every node's default) or
+/// a PostgreSQL database (hubs that outgrow one file; `[store] url` in node.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(path) => write!(f, "{}", path.display()),
+            StoreLocation::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// The store the daemon and the client commands use: one interface, two backends
+/// with identical behaviour (one test suite, `node/tests/node/store_suite.rs`, runs
+/// against both). Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+macro_rules! each_backend {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($s) => $e,
+            Store::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating or migrating as needed) the store at `location` for writing;
+    /// `audit_key` signs every audit record.
+    pub async fn open(location: &StoreLocation, audit_key: SigningKey) -> Result<Store, StoreError> {
+        Ok(match location {
+            StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open(path, audit_key).await?),
+            StoreLocation::Postgres(url) => Store::Postgres(PgStore::open(url, audit_key).await?),
+        })
+    }
+
+    /// Opens an existing store for reading only.
+    pub async fn open_read_only(location: &StoreLocation) -> Result<Store, StoreError> {
+        Ok(match location {
+            StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open_read_only(path).await?),
+            StoreLocation::Postgres(url) => Store::Postgres(PgStore::open_read_only(url).await?),
+        })
+    }
+
+    /// Which backend this is: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// See [`SqliteStore::schema_version`].
+    pub async fn schema_version(&self) -> Result<i64, StoreError> {
+        each_backend!(self, s => s.schema_version().await)
+    }
+
+    /// See [`SqliteStore::close`].
+    pub async fn close(&self) {
+        each_backend!(self, s => s.close().await)
+    }
+
+    /// Makes `change` durable before returning; see [`SqliteStore::apply`].
+    pub async fn apply(&self, change: &Change) -> Result<(), StoreError> {
+        each_backend!(self, s => s.apply(change).await)
+    }
+
+    /// Every stored case record, for `Node::restore`.
+    pub async fn load(&self) -> Result<Vec<CaseRecord>, StoreError> {
+        each_backend!(self, s => s.load().await)
+    }
+
+    /// One case's record, if stored.
+    pub async fn case(&self, id: &CaseId) -> Result<Option<CaseRecord>, StoreError> {
+        each_backend!(self, s => s.case(id).await)
+    }
+
+    /// Every case, most urgent first, then by deadline.
+    pub async fn summaries(&self) -> Result<Vec<CaseSummary>, StoreError> {
+        each_backend!(self, s => s.summaries().await)
+    }
+
+    /// Appends one audit record and returns its seq; see [`SqliteStore::audit`].
+    pub async fn audit(
+        &self,
+        at: Millis,
+        kind: &str,
+        case: Option<CaseId>,
+        peer: Option<&str>,
+        detail: &str,
+    ) -> Result<u64, StoreError> {
+        each_backend!(self, s => s.audit(at, kind, case, peer, detail).await)
+    }
+
+    /// The last `n` audit records, oldest first.
+    pub async fn audit_tail(&self, n: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        each_backend!(self, s => s.audit_tail(n).await)
+    }
+
+    /// Audit records with seq ≥ `from`, oldest first, at most `limit`.
+    pub async fn audit_from(&self, from: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        each_backend!(self, s => s.audit_from(from, limit).await)
+    }
+
+    /// Verifies the whole audit chain; see [`SqliteStore::verify_audit_chain`].
+    pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
+        each_backend!(self, s => s.verify_audit_chain().await)
+    }
+}
+
 /// What to write into the audit log (before seq, hashes and signature).
 struct AuditEntry<'a> {
     at: Millis,
@@ -279,7 +404,7 @@ impl SqliteStore {
 
     /// The highest migration applied to the database.
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        let row = sqlx::query(sql::SCHEMA_VERSION)
             .fetch_one(&self.inner.read)
             .await
             .map_err(StoreError::db("read the schema version"))?;
@@ -312,16 +437,14 @@ impl SqliteStore {
 
     /// Every stored case record, for `Node::restore`.
     pub async fn load(&self) -> Result<Vec<CaseRecord>, StoreError> {
-        let rows = sqlx::query("SELECT case_id, record FROM cases ORDER BY case_id")
-            .fetch_all(&self.inner.read)
-            .await
-            .map_err(StoreError::db("load the cases"))?;
+        let rows =
+            sqlx::query(sql::CASES).fetch_all(&self.inner.read).await.map_err(StoreError::db("load the cases"))?;
         rows.iter().map(decode_case_row).collect()
     }
 
     /// One case's record, if stored.
     pub async fn case(&self, id: &CaseId) -> Result<Option<CaseRecord>, StoreError> {
-        let row = sqlx::query("SELECT case_id, record FROM cases WHERE case_id = ?")
+        let row = sqlx::query(sql::CASE_RECORD)
             .bind(id.to_string())
             .fetch_optional(&self.inner.read)
             .await
@@ -331,16 +454,8 @@ impl SqliteStore {
 
     /// Every case, most urgent first, then by deadline (earliest first).
     pub async fn summaries(&self) -> Result<Vec<CaseSummary>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT c.case_id, c.origin, c.modality, c.urgency, c.status, c.created_at, c.deadline_at, c.updated_at,
-                    (SELECT r.node FROM reports r WHERE r.case_id = c.case_id
-                     ORDER BY r.signed_at, r.envelope_hash LIMIT 1) AS read_at_node
-             FROM cases c
-             ORDER BY c.urgency_rank, c.deadline_at, c.case_id",
-        )
-        .fetch_all(&self.inner.read)
-        .await
-        .map_err(StoreError::db("list the cases"))?;
+        let rows =
+            sqlx::query(sql::SUMMARIES).fetch_all(&self.inner.read).await.map_err(StoreError::db("list the cases"))?;
         rows.iter().map(decode_summary_row).collect()
     }
 
@@ -371,15 +486,23 @@ impl SqliteStore {
     /// The last `n` audit records (at most [`AUDIT_TAIL_MAX`]), oldest first.
     pub async fn audit_tail(&self, n: u32) -> Result<Vec<AuditRecord>, StoreError> {
         let n = n.min(AUDIT_TAIL_MAX);
-        let rows = sqlx::query(
-            "SELECT * FROM (SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature
-                            FROM audit ORDER BY seq DESC LIMIT ?)
-             ORDER BY seq",
-        )
-        .bind(i64::from(n))
-        .fetch_all(&self.inner.read)
-        .await
-        .map_err(StoreError::db("read the audit log"))?;
+        let rows = sqlx::query(sql::AUDIT_TAIL)
+            .bind(i64::from(n))
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(StoreError::db("read the audit log"))?;
+        rows.iter().map(decode_audit_row).collect()
+    }
+
+    /// Audit records with seq ≥ `from`, oldest first, at most `limit` (capped at
+    /// [`AUDIT_TAIL_MAX`]): page through the whole log for export.
+    pub async fn audit_from(&self, from: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query(sql::AUDIT_FROM)
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(i64::from(limit.min(AUDIT_TAIL_MAX)))
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(StoreError::db("read the audit log"))?;
         rows.iter().map(decode_audit_row).collect()
     }
 
@@ -393,64 +516,22 @@ impl SqliteStore {
     /// except by someone holding such a key; whether those keys belong to this node
     /// is for the caller to check against the node's certificate.
     pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
-        let mut expected_seq: u64 = 1;
-        let mut prev_hash = ContentHash([0; 32]);
-        let mut prev_signer: Option<PublicKey> = None;
+        let mut chain = ChainCheck::new();
         loop {
-            let rows = sqlx::query(
-                "SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature
-                 FROM audit WHERE seq >= ? ORDER BY seq LIMIT ?",
-            )
-            .bind(i64::try_from(expected_seq).unwrap_or(i64::MAX))
-            .bind(AUDIT_VERIFY_BATCH)
-            .fetch_all(&self.inner.read)
-            .await
-            .map_err(StoreError::db("read the audit log"))?;
+            let rows = sqlx::query(sql::AUDIT_FROM)
+                .bind(chain.next_seq())
+                .bind(AUDIT_VERIFY_BATCH)
+                .fetch_all(&self.inner.read)
+                .await
+                .map_err(StoreError::db("read the audit log"))?;
             if rows.is_empty() {
                 break;
             }
             for row in &rows {
-                let record = decode_audit_row(row)?;
-                let broken = |reason: String| StoreError::AuditChainBroken { seq: expected_seq, reason };
-                if record.seq != expected_seq {
-                    return Err(broken(format!("record missing (the next stored is seq {})", record.seq)));
-                }
-                if record.prev_hash != prev_hash {
-                    return Err(broken("prev_hash does not match the hash of the record before".into()));
-                }
-                let entry = AuditEntry {
-                    at: record.at,
-                    kind: &record.kind,
-                    case: record.case,
-                    peer: record.peer.as_deref(),
-                    detail: &record.detail,
-                };
-                if audit_hash(record.seq, &entry, &record.prev_hash, &record.signer) != record.hash {
-                    return Err(broken("hash does not match the record's contents".into()));
-                }
-                verify_signature(&record).map_err(broken)?;
-                if let Some(prev) = prev_signer
-                    && prev != record.signer
-                    && !(record.kind == AUDIT_KEY_CHANGED && record.detail.contains(&prev.to_string()))
-                {
-                    return Err(broken(format!("signer changed from {prev} without an {AUDIT_KEY_CHANGED} record")));
-                }
-                prev_hash = record.hash;
-                prev_signer = Some(record.signer);
-                expected_seq += 1;
+                chain.check(&decode_audit_row(row)?)?;
             }
         }
-        let count = expected_seq - 1;
-        if let (Some(writer), Some(last)) = (&self.inner.write, prev_signer) {
-            let own = PublicKey(writer.key.verifying_key().to_bytes());
-            if last != own {
-                return Err(StoreError::AuditChainBroken {
-                    seq: count,
-                    reason: format!("the last record is signed by {last}, not by this node's key {own}"),
-                });
-            }
-        }
-        Ok(count)
+        chain.finish(self.inner.write.as_ref().map(|w| PublicKey(w.key.verifying_key().to_bytes())))
     }
 
     /// On open: if the log's last record was signed by another key (the node key was
@@ -462,26 +543,19 @@ impl SqliteStore {
         let result = async {
             let own = PublicKey(writer.key.verifying_key().to_bytes());
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
-            let last = sqlx::query("SELECT seq, signer FROM audit ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
+            let last = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
             let Some(last) = last else {
                 return tx.rollback().await.map_err(StoreError::db(OP));
             };
             let seq: i64 = last.try_get("seq").map_err(StoreError::db(OP))?;
             let signer: Vec<u8> = last.try_get("signer").map_err(StoreError::db(OP))?;
-            let signer = key_from(&signer)
-                .map_err(|reason| StoreError::AuditChainBroken { seq: u64::try_from(seq).unwrap_or(0), reason })?;
-            if signer == own {
+            let Some(detail) = key_change_detail(&signer, own, seq)? else {
                 return tx.rollback().await.map_err(StoreError::db(OP));
-            }
-            let detail = format!("audit key changed from {signer} to {own}");
+            };
             let entry =
                 AuditEntry { at: wall_clock(), kind: AUDIT_KEY_CHANGED, case: None, peer: None, detail: &detail };
             append_audit(&mut tx, &writer.key, &entry).await?;
             tx.commit().await.map_err(StoreError::db(OP))?;
-            tracing::warn!(old = %signer, new = %own, "audit key changed; recorded in the audit log");
             Ok(())
         }
         .await;
@@ -541,7 +615,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
     .map_err(StoreError::db(OP))?;
     for m in MIGRATIONS {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
-        let applied = sqlx::query("SELECT sha256 FROM schema_version WHERE version = ?")
+        let applied = sqlx::query(sql::MIGRATION_SHA)
             .bind(m.version)
             .fetch_optional(&mut *tx)
             .await
@@ -559,7 +633,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
             continue;
         }
         sqlx::raw_sql(m.sql).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-        sqlx::query("INSERT INTO schema_version (version, name, sha256, applied_at_ms) VALUES (?, ?, ?, ?)")
+        sqlx::query(sql::MIGRATION_RECORD)
             .bind(m.version)
             .bind(m.name)
             .bind(&sha)
@@ -570,7 +644,7 @@ async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
         tx.commit().await.map_err(StoreError::db(OP))?;
         tracing::info!(version = m.version, name = m.name, "applied store migration");
     }
-    let newest = sqlx::query("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+    let newest = sqlx::query(sql::SCHEMA_VERSION)
         .fetch_one(pool)
         .await
         .map_err(StoreError::db(OP))?
@@ -595,6 +669,14 @@ fn urgency_rank(u: Urgency) -> i64 {
 
 async fn put_case(writer: &Writer, record: &CaseRecord) -> Result<(), StoreError> {
     const OP: &str = "store a case";
+    let bytes = encode_case(record)?;
+    let (_order, mut conn) = writer.session(OP).await?;
+    let result = put_case_in(&mut conn, &writer.key, record, &bytes).await;
+    Writer::finish(conn, result)
+}
+
+/// The CBOR a case is stored as, refusing what could not be restored.
+fn encode_case(record: &CaseRecord) -> Result<Vec<u8>, StoreError> {
     let bytes = to_cbor(record).map_err(|e| StoreError::Invalid { what: "a case record", reason: e.to_string() })?;
     if bytes.len() > FRAME_LEN_MAX {
         // `from_cbor` refuses it on load: never claim durability for what cannot be restored.
@@ -603,9 +685,7 @@ async fn put_case(writer: &Writer, record: &CaseRecord) -> Result<(), StoreError
             reason: format!("{} bytes of CBOR exceed the {FRAME_LEN_MAX}-byte limit", bytes.len()),
         });
     }
-    let (_order, mut conn) = writer.session(OP).await?;
-    let result = put_case_in(&mut conn, &writer.key, record, &bytes).await;
-    Writer::finish(conn, result)
+    Ok(bytes)
 }
 
 async fn put_case_in(
@@ -615,57 +695,176 @@ async fn put_case_in(
     bytes: &[u8],
 ) -> Result<(), StoreError> {
     const OP: &str = "store a case";
-    let info = &record.info;
-    let id = info.case_id.to_string();
+    let id = record.info.case_id.to_string();
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
-    let stored = sqlx::query("SELECT record FROM cases WHERE case_id = ?")
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StoreError::db(OP))?;
+    let stored = sqlx::query(sql::CASE_RECORD).bind(&id).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
     if let Some(row) = stored
-        && row.try_get::<Vec<u8>, _>(0).is_ok_and(|old| old == *bytes)
+        && row.try_get::<Vec<u8>, _>("record").is_ok_and(|old| old == *bytes)
     {
         tx.rollback().await.map_err(StoreError::db(OP))?;
         return Ok(()); // already durable, byte for byte
     }
-    sqlx::query(
-        "INSERT INTO cases (case_id, origin, modality, urgency, urgency_rank, status, created_at, deadline_at,
-                            updated_at, record)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (case_id) DO UPDATE SET
-             origin = excluded.origin, modality = excluded.modality, urgency = excluded.urgency,
-             urgency_rank = excluded.urgency_rank, status = excluded.status, created_at = excluded.created_at,
-             deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, record = excluded.record",
-    )
-    .bind(&id)
-    .bind(info.origin.as_str())
-    .bind(info.modality.as_str())
-    .bind(info.urgency.as_str())
-    .bind(urgency_rank(info.urgency))
-    .bind(record.status.name())
-    .bind(sql_millis(info.created_at))
-    .bind(sql_millis(info.deadline_at))
-    .bind(sql_millis(record.updated_at))
-    .bind(bytes)
-    .execute(&mut *tx)
-    .await
-    .map_err(StoreError::db(OP))?;
+    bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, bytes))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
 
-    put_derived_rows(&mut tx, record, &id).await?;
+    let known = sqlx::query(sql::DERIVED_HASHES)
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db("index a case's envelopes"))?;
+    let known: HashSet<String> = known.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+    for row in derived_rows(record, &id, &known) {
+        bind_values(sqlx::query(row.sql), row.values)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("index a case's envelopes"))?;
+    }
 
     let (peer, detail) = describe(record);
     let kind = format!("case.{}", record.status.name());
     let entry = AuditEntry {
         at: record.updated_at,
         kind: &kind,
-        case: Some(info.case_id),
+        case: Some(record.info.case_id),
         peer: peer.as_ref().map(NodeName::as_str),
         detail: &detail,
     };
     append_audit(&mut tx, key, &entry).await?;
     tx.commit().await.map_err(StoreError::db("commit a case"))?;
     Ok(())
+}
+
+/// The statements both backends run. Placeholders are `$N`, which PostgreSQL and
+/// sqlx's SQLite driver both accept; the schema is the same table by table.
+mod sql {
+    pub const CASE_RECORD: &str = "SELECT case_id, record FROM cases WHERE case_id = $1";
+    pub const CASES: &str = "SELECT case_id, record FROM cases ORDER BY case_id";
+    pub const CASE_UPSERT: &str = "INSERT INTO cases (case_id, origin, modality, urgency, urgency_rank, status,
+                                       created_at, deadline_at, updated_at, record)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (case_id) DO UPDATE SET
+             origin = excluded.origin, modality = excluded.modality, urgency = excluded.urgency,
+             urgency_rank = excluded.urgency_rank, status = excluded.status, created_at = excluded.created_at,
+             deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, record = excluded.record";
+    pub const SUMMARIES: &str = "SELECT c.case_id, c.origin, c.modality, c.urgency, c.status, c.created_at,
+                c.deadline_at, c.updated_at,
+                (SELECT r.node FROM reports r WHERE r.case_id = c.case_id
+                 ORDER BY r.signed_at, r.envelope_hash LIMIT 1) AS read_at_node
+         FROM cases c
+         ORDER BY c.urgency_rank, c.deadline_at, c.case_id";
+    pub const DERIVED_HASHES: &str = "SELECT envelope_hash FROM hops WHERE case_id = $1
+         UNION ALL SELECT envelope_hash FROM findings WHERE case_id = $1
+         UNION ALL SELECT envelope_hash FROM reports WHERE case_id = $1
+         UNION ALL SELECT envelope_hash FROM receipts WHERE case_id = $1";
+    pub const HOP_INSERT: &str = "INSERT INTO hops (envelope_hash, case_id, position, signer, from_node,
+                 from_tier, to_node, to_tier, arrived_at, left_at, skipped, reason_kind, reason)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (envelope_hash) DO NOTHING";
+    pub const FINDING_INSERT: &str = "INSERT INTO findings (envelope_hash, case_id, position, signer, node, tier,
+                 reader_kind, reader, labels, at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (envelope_hash) DO NOTHING";
+    pub const REPORT_INSERT: &str = "INSERT INTO reports (envelope_hash, case_id, signer, node, tier, reader_kind,
+                 reader, machine_made, labels, text, signed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (envelope_hash) DO NOTHING";
+    pub const RECEIPT_INSERT: &str = "INSERT INTO receipts (envelope_hash, case_id, kind, signer, receiver,
+                 from_node, subject_hash, at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (envelope_hash) DO NOTHING";
+    pub const AUDIT_LAST: &str = "SELECT seq, hash, signer FROM audit ORDER BY seq DESC LIMIT 1";
+    pub const AUDIT_INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, case_id, peer, detail, prev_hash, hash,
+                 signer, signature)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+    pub const AUDIT_TAIL: &str = "SELECT * FROM (SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash,
+                                         signer, signature
+                            FROM audit ORDER BY seq DESC LIMIT $1) AS tail
+         ORDER BY seq";
+    pub const AUDIT_FROM: &str = "SELECT seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature
+         FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2";
+    pub const SCHEMA_VERSION: &str = "SELECT COALESCE(MAX(version), 0) FROM schema_version";
+    pub const MIGRATION_SHA: &str = "SELECT sha256 FROM schema_version WHERE version = $1";
+    pub const MIGRATION_RECORD: &str =
+        "INSERT INTO schema_version (version, name, sha256, applied_at_ms) VALUES ($1, $2, $3, $4)";
+}
+
+/// A value bound to one of the [`sql`] statements, the same for both backends.
+#[derive(Debug, Clone)]
+enum SqlValue {
+    Text(String),
+    OptText(Option<String>),
+    Int(i64),
+    Bytes(Vec<u8>),
+}
+
+fn text(s: impl Into<String>) -> SqlValue {
+    SqlValue::Text(s.into())
+}
+
+/// Binds `values` in order (to `$1`, `$2`, ...).
+fn bind_values<'q, DB: sqlx::Database>(
+    mut q: sqlx::query::Query<'q, DB, DB::Arguments>,
+    values: Vec<SqlValue>,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    Option<String>: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    Vec<u8>: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    for v in values {
+        q = match v {
+            SqlValue::Text(s) => q.bind(s),
+            SqlValue::OptText(s) => q.bind(s),
+            SqlValue::Int(i) => q.bind(i),
+            SqlValue::Bytes(b) => q.bind(b),
+        };
+    }
+    q
+}
+
+/// Column access both backends' rows share (by column name).
+trait StoreRow {
+    fn text(&self, col: &str) -> Result<String, sqlx::Error>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>, sqlx::Error>;
+}
+
+macro_rules! impl_store_row {
+    ($row:ty) => {
+        impl StoreRow for $row {
+            fn text(&self, col: &str) -> Result<String, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn int(&self, col: &str) -> Result<i64, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn bytes(&self, col: &str) -> Result<Vec<u8>, sqlx::Error> {
+                self.try_get(col)
+            }
+        }
+    };
+}
+impl_store_row!(sqlx::sqlite::SqliteRow);
+impl_store_row!(sqlx::postgres::PgRow);
+
+/// The values of [`sql::CASE_UPSERT`].
+fn case_values(record: &CaseRecord, id: &str, bytes: &[u8]) -> Vec<SqlValue> {
+    let info = &record.info;
+    vec![
+        text(id),
+        text(info.origin.as_str()),
+        text(info.modality.as_str()),
+        text(info.urgency.as_str()),
+        SqlValue::Int(urgency_rank(info.urgency)),
+        text(record.status.name()),
+        SqlValue::Int(sql_millis(info.created_at)),
+        SqlValue::Int(sql_millis(info.deadline_at)),
+        SqlValue::Int(sql_millis(record.updated_at)),
+        SqlValue::Bytes(bytes.to_vec()),
+    ]
 }
 
 /// The peer a case's status is about, and a line for people.
@@ -718,25 +917,22 @@ fn reader_columns(reader: &Reader) -> (&'static str, String) {
     }
 }
 
-/// Inserts a row for every envelope of the record not already indexed. An envelope
-/// that does not verify or belongs to another case is skipped with a warning: the
-/// record itself is stored regardless, and is the truth.
-async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &str) -> Result<(), StoreError> {
-    const OP: &str = "index a case's envelopes";
-    let rows = sqlx::query(
-        "SELECT envelope_hash FROM hops WHERE case_id = ?
-         UNION ALL SELECT envelope_hash FROM findings WHERE case_id = ?
-         UNION ALL SELECT envelope_hash FROM reports WHERE case_id = ?
-         UNION ALL SELECT envelope_hash FROM receipts WHERE case_id = ?",
-    )
-    .bind(id)
-    .bind(id)
-    .bind(id)
-    .bind(id)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(StoreError::db(OP))?;
-    let known: HashSet<String> = rows.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+/// One INSERT of a derived row.
+struct DerivedRow {
+    sql: &'static str,
+    values: Vec<SqlValue>,
+}
+
+fn position(i: usize) -> SqlValue {
+    SqlValue::Int(i64::try_from(i).unwrap_or(i64::MAX))
+}
+
+/// The derived rows of every envelope of the record not in `known` (the envelope
+/// hashes already indexed). An envelope that does not verify or belongs to another
+/// case is skipped with a warning: the record itself is stored regardless, and is
+/// the truth.
+fn derived_rows(record: &CaseRecord, id: &str, known: &HashSet<String>) -> Vec<DerivedRow> {
+    let mut out = Vec::new();
     let case_id = record.info.case_id;
     let fresh = |env: &SignedEnvelope| {
         let hash = env.hash().to_string();
@@ -746,7 +942,7 @@ async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &s
         tracing::warn!(case = %case_id, envelope = %env.hash(), "not indexing {what}: {why}");
     };
 
-    for (position, env) in record.trail.iter().enumerate() {
+    for (i, env) in record.trail.iter().enumerate() {
         let Some(hash) = fresh(env) else { continue };
         let hop = match env.open::<HopRecord>(content_type::HOP) {
             Ok(v) if v.body.case_id == case_id => v,
@@ -764,30 +960,28 @@ async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &s
             .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
             .unwrap_or_default();
         let skipped = serde_json::to_string(&hop.body.skipped).unwrap_or_else(|_| "[]".to_owned());
-        sqlx::query(
-            "INSERT OR IGNORE INTO hops (envelope_hash, case_id, position, signer, from_node, from_tier, to_node,
-                                         to_tier, arrived_at, left_at, skipped, reason_kind, reason)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(hash)
-        .bind(id)
-        .bind(i64::try_from(position).unwrap_or(i64::MAX))
-        .bind(hop.signer.to_string())
-        .bind(hop.body.from.as_str())
-        .bind(hop.body.from_tier.as_str())
-        .bind(hop.body.to.as_str())
-        .bind(hop.body.to_tier.as_str())
-        .bind(sql_millis(hop.body.arrived_at))
-        .bind(sql_millis(hop.body.left_at))
-        .bind(skipped)
-        .bind(reason_kind)
-        .bind(hop.body.reason.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db(OP))?;
+        let b = &hop.body;
+        out.push(DerivedRow {
+            sql: sql::HOP_INSERT,
+            values: vec![
+                text(hash),
+                text(id),
+                position(i),
+                text(hop.signer.to_string()),
+                text(b.from.as_str()),
+                text(b.from_tier.as_str()),
+                text(b.to.as_str()),
+                text(b.to_tier.as_str()),
+                SqlValue::Int(sql_millis(b.arrived_at)),
+                SqlValue::Int(sql_millis(b.left_at)),
+                text(skipped),
+                text(reason_kind),
+                text(b.reason.to_string()),
+            ],
+        });
     }
 
-    for (position, env) in record.findings.iter().enumerate() {
+    for (i, env) in record.findings.iter().enumerate() {
         let Some(hash) = fresh(env) else { continue };
         let finding = match env.open::<Finding>(content_type::FINDING) {
             Ok(v) if v.body.case_id == case_id => v,
@@ -801,24 +995,22 @@ async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &s
             }
         };
         let (reader_kind, reader) = reader_columns(&finding.body.reader);
-        sqlx::query(
-            "INSERT OR IGNORE INTO findings (envelope_hash, case_id, position, signer, node, tier, reader_kind,
-                                             reader, labels, at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(hash)
-        .bind(id)
-        .bind(i64::try_from(position).unwrap_or(i64::MAX))
-        .bind(finding.signer.to_string())
-        .bind(finding.body.node.as_str())
-        .bind(finding.body.tier.as_str())
-        .bind(reader_kind)
-        .bind(reader)
-        .bind(labels_json(&finding.body.labels))
-        .bind(sql_millis(finding.body.at))
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db(OP))?;
+        let b = &finding.body;
+        out.push(DerivedRow {
+            sql: sql::FINDING_INSERT,
+            values: vec![
+                text(hash),
+                text(id),
+                position(i),
+                text(finding.signer.to_string()),
+                text(b.node.as_str()),
+                text(b.tier.as_str()),
+                text(reader_kind),
+                text(reader),
+                text(labels_json(&b.labels)),
+                SqlValue::Int(sql_millis(b.at)),
+            ],
+        });
     }
 
     if let Some(env) = &record.report
@@ -827,45 +1019,55 @@ async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &s
         match env.open::<Report>(content_type::REPORT) {
             Ok(v) if v.body.case_id == case_id => {
                 let (reader_kind, reader) = reader_columns(&v.body.reader);
-                sqlx::query(
-                    "INSERT OR IGNORE INTO reports (envelope_hash, case_id, signer, node, tier, reader_kind, reader,
-                                                    machine_made, labels, text, signed_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(hash)
-                .bind(id)
-                .bind(v.signer.to_string())
-                .bind(v.body.node.as_str())
-                .bind(v.body.tier.as_str())
-                .bind(reader_kind)
-                .bind(reader)
-                .bind(i64::from(v.body.machine_made))
-                .bind(labels_json(&v.body.labels))
-                .bind(&v.body.text)
-                .bind(sql_millis(v.body.signed_at))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
+                let b = &v.body;
+                out.push(DerivedRow {
+                    sql: sql::REPORT_INSERT,
+                    values: vec![
+                        text(hash),
+                        text(id),
+                        text(v.signer.to_string()),
+                        text(b.node.as_str()),
+                        text(b.tier.as_str()),
+                        text(reader_kind),
+                        text(reader),
+                        SqlValue::Int(i64::from(b.machine_made)),
+                        text(labels_json(&b.labels)),
+                        text(b.text.clone()),
+                        SqlValue::Int(sql_millis(b.signed_at)),
+                    ],
+                });
             }
             Ok(_) => skip("a report", env, &"it names another case"),
             Err(e) => skip("a report", env, &e),
         }
     }
 
+    let receipt = |hash: String,
+                   kind: &str,
+                   signer: PublicKey,
+                   receiver: &NodeName,
+                   from: Option<&NodeName>,
+                   subject: ContentHash,
+                   at: Millis| DerivedRow {
+        sql: sql::RECEIPT_INSERT,
+        values: vec![
+            text(hash),
+            text(id),
+            text(kind),
+            text(signer.to_string()),
+            text(receiver.as_str()),
+            SqlValue::OptText(from.map(|f| f.as_str().to_owned())),
+            text(subject.to_string()),
+            SqlValue::Int(sql_millis(at)),
+        ],
+    };
     if let Some(env) = &record.custody_receipt
         && let Some(hash) = fresh(env)
     {
         match env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT) {
             Ok(v) if v.body.case_id == case_id => {
-                let row = ReceiptRow {
-                    kind: "custody",
-                    signer: v.signer,
-                    receiver: &v.body.receiver,
-                    from: Some(&v.body.from),
-                    subject: v.body.manifest_hash,
-                    at: v.body.at,
-                };
-                insert_receipt(tx, hash, id, &row).await?;
+                let b = &v.body;
+                out.push(receipt(hash, "custody", v.signer, &b.receiver, Some(&b.from), b.manifest_hash, b.at));
             }
             Ok(_) => skip("a custody receipt", env, &"it names another case"),
             Err(e) => skip("a custody receipt", env, &e),
@@ -877,60 +1079,20 @@ async fn put_derived_rows(tx: &mut SqliteConnection, record: &CaseRecord, id: &s
     {
         match env.open::<ReportReceipt>(content_type::REPORT_RECEIPT) {
             Ok(v) if v.body.case_id == case_id => {
-                let row = ReceiptRow {
-                    kind: "report",
-                    signer: v.signer,
-                    receiver: &v.body.receiver,
-                    from: None,
-                    subject: v.body.report_hash,
-                    at: v.body.at,
-                };
-                insert_receipt(tx, hash, id, &row).await?;
+                let b = &v.body;
+                out.push(receipt(hash, "report", v.signer, &b.receiver, None, b.report_hash, b.at));
             }
             Ok(_) => skip("a report receipt", env, &"it names another case"),
             Err(e) => skip("a report receipt", env, &e),
         }
     }
-    Ok(())
+    out
 }
 
-struct ReceiptRow<'a> {
-    kind: &'static str,
-    signer: PublicKey,
-    receiver: &'a NodeName,
-    from: Option<&'a NodeName>,
-    subject: ContentHash,
-    at: Millis,
-}
-
-async fn insert_receipt(
-    tx: &mut SqliteConnection,
-    hash: String,
-    id: &str,
-    r: &ReceiptRow<'_>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT OR IGNORE INTO receipts (envelope_hash, case_id, kind, signer, receiver, from_node, subject_hash, at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(hash)
-    .bind(id)
-    .bind(r.kind)
-    .bind(r.signer.to_string())
-    .bind(r.receiver.as_str())
-    .bind(r.from.map(NodeName::as_str))
-    .bind(r.subject.to_string())
-    .bind(sql_millis(r.at))
-    .execute(&mut *tx)
-    .await
-    .map_err(StoreError::db("index a receipt"))?;
-    Ok(())
-}
-
-fn decode_case_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseRecord, StoreError> {
-    let id: String = row.try_get("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
+fn decode_case_row(row: &impl StoreRow) -> Result<CaseRecord, StoreError> {
+    let id: String = row.text("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
     let corrupt = |reason: String| StoreError::Corrupt { case: id.clone(), reason };
-    let bytes: Vec<u8> = row.try_get("record").map_err(|e| corrupt(format!("record column: {e}")))?;
+    let bytes: Vec<u8> = row.bytes("record").map_err(|e| corrupt(format!("record column: {e}")))?;
     let record: CaseRecord = from_cbor(&bytes).map_err(|e| corrupt(format!("record does not decode: {e}")))?;
     if record.info.case_id.to_string() != id {
         return Err(corrupt(format!("the record is of case {}", record.info.case_id)));
@@ -938,12 +1100,12 @@ fn decode_case_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseRecord, StoreErr
     Ok(record)
 }
 
-fn decode_summary_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseSummary, StoreError> {
-    let id: String = row.try_get("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
+fn decode_summary_row(row: &impl StoreRow) -> Result<CaseSummary, StoreError> {
+    let id: String = row.text("case_id").unwrap_or_else(|_| "<unreadable id>".to_owned());
     let corrupt = |reason: String| StoreError::Corrupt { case: id.clone(), reason };
-    let text = |col: &str| row.try_get::<String, _>(col).map_err(|e| corrupt(format!("{col}: {e}")));
+    let text = |col: &str| row.text(col).map_err(|e| corrupt(format!("{col}: {e}")));
     let millis = |col: &str| {
-        let v: i64 = row.try_get(col).map_err(|e| corrupt(format!("{col}: {e}")))?;
+        let v: i64 = row.int(col).map_err(|e| corrupt(format!("{col}: {e}")))?;
         u64::try_from(v).map(Millis).map_err(|_| corrupt(format!("{col} is negative")))
     };
     Ok(CaseSummary {
@@ -955,10 +1117,7 @@ fn decode_summary_row(row: &sqlx::sqlite::SqliteRow) -> Result<CaseSummary, Stor
         created_at: millis("created_at")?,
         deadline_at: millis("deadline_at")?,
         updated_at: millis("updated_at")?,
-        read_at_node: row
-            .try_get::<Option<String>, _>("read_at_node")
-            .map_err(|e| corrupt(format!("read_at_node: {e}")))?
-            .map(NodeName),
+        read_at_node: row.opt_text("read_at_node").map_err(|e| corrupt(format!("read_at_node: {e}")))?.map(NodeName),
     })
 }
 
@@ -966,8 +1125,8 @@ fn key_from(bytes: &[u8]) -> Result<PublicKey, String> {
     <[u8; 32]>::try_from(bytes).map(PublicKey).map_err(|_| format!("signer is {} bytes, not 32", bytes.len()))
 }
 
-fn decode_audit_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditRecord, StoreError> {
-    let seq: i64 = row.try_get("seq").map_err(StoreError::db("read the audit log"))?;
+fn decode_audit_row(row: &impl StoreRow) -> Result<AuditRecord, StoreError> {
+    let seq: i64 = row.int("seq").map_err(StoreError::db("read the audit log"))?;
     let seq = u64::try_from(seq).unwrap_or(0);
     let broken = |reason: String| StoreError::AuditChainBroken { seq, reason };
     let col = |e: sqlx::Error| broken(format!("unreadable column: {e}"));
@@ -976,23 +1135,23 @@ fn decode_audit_row(row: &sqlx::sqlite::SqliteRow) -> Result<AuditRecord, StoreE
             .map(ContentHash)
             .map_err(|_| broken(format!("{what} is {} bytes, not 32", bytes.len())))
     };
-    let at: i64 = row.try_get("at_ms").map_err(col)?;
+    let at: i64 = row.int("at_ms").map_err(col)?;
     let case = row
-        .try_get::<Option<String>, _>("case_id")
+        .opt_text("case_id")
         .map_err(col)?
         .map(|c| c.parse::<CaseId>().map_err(|e| broken(format!("case id `{c}`: {e}"))))
         .transpose()?;
     Ok(AuditRecord {
         seq,
         at: Millis(u64::try_from(at).map_err(|_| broken("at_ms is negative".into()))?),
-        kind: row.try_get("kind").map_err(col)?,
+        kind: row.text("kind").map_err(col)?,
         case,
-        peer: row.try_get("peer").map_err(col)?,
-        detail: row.try_get("detail").map_err(col)?,
-        prev_hash: hash32(row.try_get("prev_hash").map_err(col)?, "prev_hash")?,
-        hash: hash32(row.try_get("hash").map_err(col)?, "hash")?,
-        signer: key_from(&row.try_get::<Vec<u8>, _>("signer").map_err(col)?).map_err(broken)?,
-        signature: row.try_get("signature").map_err(col)?,
+        peer: row.opt_text("peer").map_err(col)?,
+        detail: row.text("detail").map_err(col)?,
+        prev_hash: hash32(row.bytes("prev_hash").map_err(col)?, "prev_hash")?,
+        hash: hash32(row.bytes("hash").map_err(col)?, "hash")?,
+        signer: key_from(&row.bytes("signer").map_err(col)?).map_err(broken)?,
+        signature: row.bytes("signature").map_err(col)?,
     })
 }
 
@@ -1000,6 +1159,83 @@ fn verify_signature(record: &AuditRecord) -> Result<(), String> {
     let key = VerifyingKey::from_bytes(&record.signer.0).map_err(|_| "signer is not an Ed25519 key".to_owned())?;
     let signature = Signature::from_slice(&record.signature).map_err(|_| "signature is malformed".to_owned())?;
     key.verify_strict(&record.hash.0, &signature).map_err(|_| "signature does not verify".to_owned())
+}
+
+/// Walks the audit log record by record (oldest first), checking what
+/// [`SqliteStore::verify_audit_chain`] promises; both backends feed it.
+struct ChainCheck {
+    expected_seq: u64,
+    prev_hash: ContentHash,
+    prev_signer: Option<PublicKey>,
+}
+
+impl ChainCheck {
+    fn new() -> ChainCheck {
+        ChainCheck { expected_seq: 1, prev_hash: ContentHash([0; 32]), prev_signer: None }
+    }
+
+    /// The seq to read from next.
+    fn next_seq(&self) -> i64 {
+        i64::try_from(self.expected_seq).unwrap_or(i64::MAX)
+    }
+
+    fn check(&mut self, record: &AuditRecord) -> Result<(), StoreError> {
+        let broken = |reason: String| StoreError::AuditChainBroken { seq: self.expected_seq, reason };
+        if record.seq != self.expected_seq {
+            return Err(broken(format!("record missing (the next stored is seq {})", record.seq)));
+        }
+        if record.prev_hash != self.prev_hash {
+            return Err(broken("prev_hash does not match the hash of the record before".into()));
+        }
+        let entry = AuditEntry {
+            at: record.at,
+            kind: &record.kind,
+            case: record.case,
+            peer: record.peer.as_deref(),
+            detail: &record.detail,
+        };
+        if audit_hash(record.seq, &entry, &record.prev_hash, &record.signer) != record.hash {
+            return Err(broken("hash does not match the record's contents".into()));
+        }
+        verify_signature(record).map_err(broken)?;
+        if let Some(prev) = self.prev_signer
+            && prev != record.signer
+            && !(record.kind == AUDIT_KEY_CHANGED && record.detail.contains(&prev.to_string()))
+        {
+            return Err(broken(format!("signer changed from {prev} without an {AUDIT_KEY_CHANGED} record")));
+        }
+        self.prev_hash = record.hash;
+        self.prev_signer = Some(record.signer);
+        self.expected_seq += 1;
+        Ok(())
+    }
+
+    /// How many records verified; on a writable store (`own` is its key) the last
+    /// record must be signed by that key.
+    fn finish(self, own: Option<PublicKey>) -> Result<u64, StoreError> {
+        let count = self.expected_seq - 1;
+        if let (Some(own), Some(last)) = (own, self.prev_signer)
+            && last != own
+        {
+            return Err(StoreError::AuditChainBroken {
+                seq: count,
+                reason: format!("the last record is signed by {last}, not by this node's key {own}"),
+            });
+        }
+        Ok(count)
+    }
+}
+
+/// If the log's last record (`last_signer`) was signed by another key than `own`,
+/// the detail of the record that hands the chain over.
+fn key_change_detail(last_signer: &[u8], own: PublicKey, last_seq: i64) -> Result<Option<String>, StoreError> {
+    let signer = key_from(last_signer)
+        .map_err(|reason| StoreError::AuditChainBroken { seq: u64::try_from(last_seq).unwrap_or(0), reason })?;
+    if signer == own {
+        return Ok(None);
+    }
+    tracing::warn!(old = %signer, new = %own, "audit key changed; recorded in the audit log");
+    Ok(Some(format!("audit key changed from {signer} to {own}")))
 }
 
 /// Cuts `s` to at most `max` bytes at a char boundary.
@@ -1048,29 +1284,26 @@ fn audit_hash(seq: u64, e: &AuditEntry<'_>, prev_hash: &ContentHash, signer: &Pu
     ContentHash(h.finalize().into())
 }
 
-/// Appends one audit record inside the caller's `BEGIN IMMEDIATE` transaction (so
-/// the previous hash read here cannot change before the insert commits).
-async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
-    const OP: &str = "append to the audit log";
+/// Seals the next audit record after `last` (the stored `(seq, hash)` of the last
+/// record, if any): returns its seq and the values of [`sql::AUDIT_INSERT`].
+fn seal_audit(
+    last: Option<(i64, Vec<u8>)>,
+    key: &SigningKey,
+    entry: &AuditEntry<'_>,
+) -> Result<(u64, Vec<SqlValue>), StoreError> {
     let kind = bounded(entry.kind, AUDIT_KIND_LEN_MAX);
     let detail = bounded(entry.detail, AUDIT_DETAIL_LEN_MAX);
     let entry = AuditEntry {
-        at: Millis(entry.at.0.min(i64::MAX as u64)), // what SQLite can store; the hash covers this
+        at: Millis(entry.at.0.min(i64::MAX as u64)), // what the databases can store; the hash covers this
         kind,
         case: entry.case,
         peer: entry.peer,
         detail,
     };
-    let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StoreError::db(OP))?;
     let (seq, prev_hash) = match last {
         None => (1u64, ContentHash([0; 32])),
-        Some(row) => {
-            let seq: i64 = row.try_get("seq").map_err(StoreError::db(OP))?;
+        Some((seq, hash)) => {
             let seq = u64::try_from(seq).unwrap_or(0);
-            let hash: Vec<u8> = row.try_get("hash").map_err(StoreError::db(OP))?;
             let hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| StoreError::AuditChainBroken {
                 seq,
                 reason: format!("stored hash is {} bytes, not 32", hash.len()),
@@ -1081,23 +1314,35 @@ async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &Audit
     let signer = PublicKey(key.verifying_key().to_bytes());
     let hash = audit_hash(seq, &entry, &prev_hash, &signer);
     let signature = key.sign(&hash.0);
-    sqlx::query(
-        "INSERT INTO audit (seq, at_ms, kind, case_id, peer, detail, prev_hash, hash, signer, signature)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
-    .bind(sql_millis(entry.at))
-    .bind(entry.kind)
-    .bind(entry.case.map(|c| c.to_string()))
-    .bind(entry.peer)
-    .bind(entry.detail)
-    .bind(&prev_hash.0[..])
-    .bind(&hash.0[..])
-    .bind(&signer.0[..])
-    .bind(&signature.to_bytes()[..])
-    .execute(&mut *tx)
-    .await
-    .map_err(StoreError::db(OP))?;
+    let values = vec![
+        SqlValue::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
+        SqlValue::Int(sql_millis(entry.at)),
+        text(entry.kind),
+        SqlValue::OptText(entry.case.map(|c| c.to_string())),
+        SqlValue::OptText(entry.peer.map(str::to_owned)),
+        text(entry.detail),
+        SqlValue::Bytes(prev_hash.0.to_vec()),
+        SqlValue::Bytes(hash.0.to_vec()),
+        SqlValue::Bytes(signer.0.to_vec()),
+        SqlValue::Bytes(signature.to_bytes().to_vec()),
+    ];
+    Ok((seq, values))
+}
+
+/// The stored `(seq, hash)` of the last audit record, from a row of [`sql::AUDIT_LAST`].
+fn last_audit(row: Option<&impl StoreRow>) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+    const OP: &str = "append to the audit log";
+    row.map(|r| Ok((r.int("seq").map_err(StoreError::db(OP))?, r.bytes("hash").map_err(StoreError::db(OP))?)))
+        .transpose()
+}
+
+/// Appends one audit record inside the caller's `BEGIN IMMEDIATE` transaction (so
+/// the previous hash read here cannot change before the insert commits).
+async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
+    const OP: &str = "append to the audit log";
+    let last = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
+    let (seq, values) = seal_audit(last_audit(last.as_ref())?, key, entry)?;
+    bind_values(sqlx::query(sql::AUDIT_INSERT), values).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
     Ok(seq)
 }
 

@@ -50,7 +50,13 @@ pub struct CaseView {
     pub urgency: String,
     pub task: String,
     pub question: String,
+    /// The pseudonym the case travels under.
     pub patient: String,
+    /// The patient's direct identifiers, only where this node holds them (the
+    /// origin, and tiers up to the privacy boundary): how the report finds its
+    /// patient.
+    #[serde(default)]
+    pub identity: Option<federation_proto::PatientIdentity>,
     pub status: String,
     /// Where the case is, in words.
     pub where_: String,
@@ -138,6 +144,12 @@ impl CaseView {
             task: info.task.clone(),
             question: info.clinical_question.clone(),
             patient: info.patient.pseudonym.clone(),
+            identity: record
+                .identity
+                .as_ref()
+                .and_then(|env| env.open::<federation_proto::PatientIdentity>(content_type::PATIENT_IDENTITY).ok())
+                .map(|v| v.body)
+                .filter(|p| p.case_id == info.case_id),
             status: record.status.name().to_owned(),
             where_,
             created_at_ms: info.created_at.0,
@@ -162,6 +174,9 @@ impl CaseView {
         let _ = writeln!(out, "case {}  {} {}  from {}", self.case_id, self.urgency, self.modality, self.origin);
         let _ = writeln!(out, "  question: {}", self.question);
         let _ = writeln!(out, "  patient:  {}", self.patient);
+        if let Some(p) = &self.identity {
+            let _ = writeln!(out, "  identity: {} {} born {}", p.patient_id, p.name, p.birth_date);
+        }
         let _ = writeln!(out, "  status:   {} — {} (deadline {})", self.status, self.where_, rel(self.deadline_at_ms));
         for (name, size, media) in &self.attachments {
             let _ = writeln!(out, "  attachment {name} ({size} bytes, {media})");

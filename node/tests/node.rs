@@ -627,6 +627,7 @@ mod federation_processes {
                 question: "test".into(),
                 patient: "p-1".into(),
                 task: None,
+                details: Default::default(),
             };
             match ask(village, Request::Submit(req)).await.unwrap() {
                 Response::Submitted { case_id } => ids.push(case_id),
@@ -860,6 +861,7 @@ mod offline_first {
             question: "palpitations".into(),
             patient: "p-9".into(),
             task: None,
+            details: Default::default(),
         };
         let id = village.submit(req).await.unwrap().unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -945,6 +947,7 @@ mod device_ingest {
             question: "palpitations".into(),
             patient: "p-12".into(),
             task: None,
+            details: Default::default(),
         };
         let id = village.submit(req).await.unwrap().unwrap();
         let view = village.show(id).await.unwrap().unwrap();
@@ -1363,3 +1366,12 @@ mod adversarial {
         fed.county.shutdown().await.unwrap();
     }
 }
+
+#[path = "node/store_suite.rs"]
+mod store_suite;
+
+#[path = "node/privacy.rs"]
+mod privacy;
+
+#[path = "node/fhir_api.rs"]
+mod fhir_api;

@@ -650,6 +650,8 @@ impl Engine {
             clinical_question: format!("{} {}", mix.urgency, mix.task),
             patient: PatientRef { pseudonym: format!("p{}", self.arrival_seq), sex: None, age_years: None },
             attachments,
+            deidentified: Vec::new(),
+            identity: None,
         };
         self.arrival_seq += 1;
         self.on_submit(origin, new);

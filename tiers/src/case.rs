@@ -121,6 +121,10 @@ pub struct CaseRecord {
     /// The signed receipt from the node that took custody from here.
     pub custody_receipt: Option<SignedEnvelope>,
     pub updated_at: Millis,
+    /// The origin-signed `PatientIdentity`, held only where the privacy policy
+    /// allows (at the origin, and up to the boundary).
+    #[serde(default)]
+    pub identity: Option<SignedEnvelope>,
 }
 
 impl CaseRecord {

@@ -205,6 +205,18 @@ impl Harness {
                 name: "study".into(),
                 priority: Priority::Urgent,
             }],
+            deidentified: Vec::new(),
+            // Every harness case carries direct identifiers, so scenarios can check
+            // where they travel (the privacy boundary).
+            identity: Some(federation_proto::PatientIdentity {
+                case_id,
+                pseudonym: String::new(),
+                patient_id: format!("id-{}", &case_id.to_string()[..8]),
+                name: "Test^Patient".into(),
+                birth_date: "1970-01-01".into(),
+                address: String::new(),
+                phone: String::new(),
+            }),
         };
         let now = self.now;
         self.core_mut(origin).handle_submit(now, new).expect("submit");

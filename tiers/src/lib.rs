@@ -24,5 +24,5 @@ pub use federation_proto::{Modality, Tier, Urgency};
 pub use node::{
     ActionError, Event, ModelOutcome, NewCase, Node, NodeConfig, Output, Peer, PeerError, ReportDraft, Upstream,
 };
-pub use policy::{DeadlinePolicy, Limits, RetryPolicy};
+pub use policy::{DeadlinePolicy, Limits, PrivacyPolicy, RetryPolicy};
 pub use store::{Change, MemStore, Store};

@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Seed for retry jitter.
     pub seed: u64,
+    /// Which tiers may hold direct identifiers.
+    pub privacy: crate::policy::PrivacyPolicy,
 }
 
 impl NodeConfig {
@@ -76,6 +78,7 @@ impl NodeConfig {
             retry: RetryPolicy::default(),
             limits: Limits::default(),
             seed: 0,
+            privacy: crate::policy::PrivacyPolicy::default(),
         }
     }
 }
@@ -92,6 +95,11 @@ pub struct NewCase {
     pub patient: PatientRef,
     /// Attachments already stored durably by the driver.
     pub attachments: Vec<AttachmentRef>,
+    /// Attachments the driver de-identified, with their originals' hashes.
+    pub deidentified: Vec<federation_proto::Deidentification>,
+    /// The patient's direct identifiers (`case_id` and `pseudonym` are filled in
+    /// here); signed and kept apart from the manifest.
+    pub identity: Option<federation_proto::PatientIdentity>,
 }
 
 /// What a model said about a case.
@@ -509,8 +517,17 @@ impl Node {
             created_at: now,
             deadline_at: now.saturating_add(deadline_ms),
             attachments: new.attachments,
+            deidentified: new.deidentified,
         };
         let manifest = self.sign(content_type::MANIFEST, &info)?;
+        let identity = match new.identity {
+            Some(mut identity) => {
+                identity.case_id = info.case_id;
+                identity.pseudonym = info.patient.pseudonym.clone();
+                Some(self.sign(content_type::PATIENT_IDENTITY, &identity)?)
+            }
+            None => None,
+        };
         let held = info.attachments.iter().map(|a| a.hash).collect();
         let record = CaseRecord {
             manifest,
@@ -528,6 +545,7 @@ impl Node {
             report_down: ReportDown::None,
             custody_receipt: None,
             updated_at: now,
+            identity,
         };
         let id = record.info.case_id;
         self.cases.insert(id, record);
@@ -855,10 +873,11 @@ impl Node {
                         "manifest not signed by its origin".into(),
                     );
                 }
-                v.body
+                (v.body, v.signer)
             }
             Err(e) => return refuse(self, None, e.reject_code(), format!("manifest: {e}")),
         };
+        let (info, manifest_signer) = info;
         let id = info.case_id;
         if peer.tier >= self.config.tier {
             return refuse(
@@ -940,6 +959,17 @@ impl Node {
                 return refuse(self, Some(id), e.reject_code(), format!("finding: {e}"));
             }
         }
+        // Direct identifiers: kept only if signed by the manifest's signer, about this
+        // case, and this tier may hold them; otherwise dropped, never stored.
+        let identity = match offer.identity {
+            Some(env) if self.config.privacy.may_hold_identifiers(info.origin_tier, self.config.tier) => {
+                match self.open::<federation_proto::PatientIdentity>(&env, content_type::PATIENT_IDENTITY) {
+                    Ok(v) if v.body.case_id == id && v.signer == manifest_signer => Some(env),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
         let record = CaseRecord {
             manifest: offer.manifest,
             info,
@@ -956,6 +986,7 @@ impl Node {
             report_down: ReportDown::None,
             custody_receipt: None,
             updated_at: now,
+            identity,
         };
         let missing = record.missing_attachments();
         let attachments = record.info.attachments.clone();
@@ -1390,7 +1421,11 @@ impl Node {
         if let CaseStatus::Forwarding { to, hop, .. } = &case.status {
             let mut trail = case.trail.clone();
             trail.push(hop.clone());
-            let offer = CaseOffer { manifest: case.manifest.clone(), trail, findings: case.findings.clone() };
+            let to_tier = self.config.upstream.iter().find(|u| u.name == *to).map(|u| u.tier);
+            let identity = case.identity.clone().filter(|_| {
+                to_tier.is_some_and(|t| self.config.privacy.may_hold_identifiers(case.info.origin_tier, t))
+            });
+            let offer = CaseOffer { manifest: case.manifest.clone(), trail, findings: case.findings.clone(), identity };
             let to = to.clone();
             self.send(&to, Message::CaseOffer(offer));
         }

@@ -107,3 +107,48 @@ impl Default for Limits {
         }
     }
 }
+
+/// The federation's privacy boundary: which tiers may hold a patient's direct
+/// identifiers (the origin-signed `PatientIdentity`). Every node applies the same
+/// policy when it offers a case (identifiers go only to allowed tiers) and when it
+/// takes one (identifiers offered to a tier that may not hold them are dropped).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivacyPolicy {
+    /// The highest tier allowed to hold direct identifiers; `None`: only the origin.
+    #[serde(default)]
+    pub identifiers_up_to: Option<federation_proto::Tier>,
+}
+
+impl PrivacyPolicy {
+    /// Whether a node of `tier` may hold the direct identifiers of a case that
+    /// started at a node of `origin_tier`. International nodes never may.
+    pub fn may_hold_identifiers(&self, origin_tier: federation_proto::Tier, tier: federation_proto::Tier) -> bool {
+        if tier == federation_proto::Tier::International {
+            return false;
+        }
+        tier <= self.identifiers_up_to.unwrap_or(origin_tier).max(origin_tier)
+    }
+}
+
+#[cfg(test)]
+mod privacy_tests {
+    use super::PrivacyPolicy;
+    use federation_proto::Tier;
+
+    #[test]
+    fn identifiers_stay_at_or_below_the_boundary_and_never_go_international() {
+        let origin_only = PrivacyPolicy::default();
+        assert!(origin_only.may_hold_identifiers(Tier::Village, Tier::Village));
+        assert!(!origin_only.may_hold_identifiers(Tier::Village, Tier::Township));
+        let county = PrivacyPolicy { identifiers_up_to: Some(Tier::County) };
+        assert!(county.may_hold_identifiers(Tier::Village, Tier::County));
+        assert!(!county.may_hold_identifiers(Tier::Village, Tier::City));
+        // A case that starts above the boundary keeps its identifiers at its origin only.
+        assert!(county.may_hold_identifiers(Tier::City, Tier::City));
+        assert!(!county.may_hold_identifiers(Tier::City, Tier::Provincial));
+        let everywhere = PrivacyPolicy { identifiers_up_to: Some(Tier::International) };
+        assert!(everywhere.may_hold_identifiers(Tier::Village, Tier::National));
+        assert!(!everywhere.may_hold_identifiers(Tier::Village, Tier::International));
+        assert!(!everywhere.may_hold_identifiers(Tier::International, Tier::International));
+    }
+}

@@ -269,8 +269,12 @@ fn duplicate_offer_creates_no_duplicate_case_or_report() {
     h.run_for(20_000);
     // Re-send the village's offer, as a sender that lost the receipt would.
     let record = h.case_at("village", case).unwrap().clone();
-    let offer =
-        CaseOffer { manifest: record.manifest.clone(), trail: record.trail.clone(), findings: record.findings.clone() };
+    let offer = CaseOffer {
+        manifest: record.manifest.clone(),
+        trail: record.trail.clone(),
+        findings: record.findings.clone(),
+        identity: None,
+    };
     let before = h.delivered.iter().filter(|d| d.3 == "case_offer").count();
     let now = h.now;
     for _ in 0..3 {
@@ -478,7 +482,7 @@ fn offer_from_a_higher_tier_is_refused_as_wrong_direction() {
     let case = h.submit("village", Modality::Ecg, Urgency::Urgent, "x");
     h.run_for(20_000);
     let record = h.case_at("county", case).unwrap().clone();
-    let offer = CaseOffer { manifest: record.manifest, trail: record.trail, findings: vec![] };
+    let offer = CaseOffer { manifest: record.manifest, trail: record.trail, findings: vec![], identity: None };
     let now = h.now;
     // A parent offering a case down, whether or not the child knows it, is refused.
     for (to, from) in [("township", "county"), ("village", "township")] {
@@ -498,7 +502,12 @@ fn tampered_manifest_is_refused_with_bad_signature() {
     let mut bytes = record.manifest.as_bytes().to_vec();
     let n = bytes.len();
     bytes[n - 70] ^= 0x01; // inside the payload
-    let offer = CaseOffer { manifest: SignedEnvelope::from_bytes(bytes), trail: record.trail, findings: vec![] };
+    let offer = CaseOffer {
+        manifest: SignedEnvelope::from_bytes(bytes),
+        trail: record.trail,
+        findings: vec![],
+        identity: None,
+    };
     let now = h.now;
     let err = h.core_mut("county").handle_message(now, &"township".into(), Message::CaseOffer(offer)).unwrap_err();
     assert!(
@@ -646,4 +655,33 @@ fn a_lapsed_claim_on_a_stat_case_near_its_deadline_moves_the_case_on() {
     assert_eq!(from_county.reason, EscalationReason::ClaimTimeout);
     assert!(h.events_at("county").any(|e| matches!(e, Event::ClaimExpired { .. })));
     assert_invariants(&h);
+}
+
+/// Where the origin-signed patient identity is held along a seven-tier climb, with
+/// the given boundary configured at every node.
+fn identity_holders(boundary: Option<Tier>) -> Vec<(String, bool)> {
+    let mut h = Harness::seven_tier_chain(31);
+    for node in ["village", "township", "county", "city", "provincial", "national", "international"] {
+        h.configure(node, |c| c.privacy = tiers::PrivacyPolicy { identifiers_up_to: boundary });
+    }
+    h.configure("international", |c| c.experts = vec![ecg_experts(1, 5 * MIN)]);
+    h.node_mut("international").experts =
+        Some(AutoExperts { name: "dr.world".into(), claim_after_ms: MIN, read_ms: MIN });
+    let case = h.submit("village", Modality::Ecg, Urgency::Routine, "rare rhythm");
+    h.run_for(6 * 60 * MIN);
+    let at_village = h.case_at("village", case).expect("at the origin");
+    assert!(at_village.report.is_some(), "the report came back to the origin");
+    ["village", "township", "county", "city", "provincial", "national", "international"]
+        .iter()
+        .map(|n| (n.to_string(), h.case_at(n, case).expect("case climbed through every tier").identity.is_some()))
+        .collect()
+}
+
+#[test]
+fn direct_identifiers_stay_at_the_origin_by_default_and_up_to_a_configured_boundary() {
+    let held = |b| identity_holders(b).into_iter().filter(|(_, h)| *h).map(|(n, _)| n).collect::<Vec<_>>();
+    assert_eq!(held(None), ["village"], "default: the origin only");
+    assert_eq!(held(Some(Tier::County)), ["village", "township", "county"]);
+    // International never, whatever the policy says.
+    assert_eq!(held(Some(Tier::International)), ["village", "township", "county", "city", "provincial", "national"]);
 }

@@ -17,6 +17,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum AuditAction {
+    /// Write the audit log as standard audit events to stdout.
+    Export {
+        #[arg(long, default_value = "node.toml")]
+        config: PathBuf,
+        /// `fhir`: FHIR R4 AuditEvent resources as NDJSON.
+        #[arg(long, default_value = "fhir")]
+        format: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the node daemon.
     Run {
@@ -34,9 +46,20 @@ enum Command {
         /// The clinical question for the reader.
         #[arg(long)]
         question: String,
-        /// The patient's pseudonym at this clinic.
+        /// The patient ID (e.g. ID-card number). Only its pseudonym leaves this node
+        /// (see docs/adr/0005-privacy-boundary-at-the-origin.md).
         #[arg(long)]
         patient: String,
+        /// The patient's name, birth date, address and phone: kept here and sent only
+        /// to tiers the privacy policy allows.
+        #[arg(long, default_value = "")]
+        patient_name: String,
+        #[arg(long, default_value = "")]
+        birth_date: String,
+        #[arg(long, default_value = "")]
+        address: String,
+        #[arg(long, default_value = "")]
+        phone: String,
         /// Reading task, e.g. `ecg.rhythm` (defaults by modality).
         #[arg(long)]
         task: Option<String>,
@@ -50,6 +73,14 @@ enum Command {
     Studies {
         #[arg(long, default_value = "node.toml")]
         config: PathBuf,
+    },
+    /// The audit log: `audit export --format fhir` verifies the hash chain, then
+    /// writes every record as a FHIR R4 AuditEvent, one JSON object per line (the
+    /// FHIR bulk-data NDJSON format). Reads the store directly (works while the
+    /// daemon runs).
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
     },
     /// What this node holds, what is waiting and since when.
     Status {
@@ -163,6 +194,31 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await?;
             let _ = std::fs::remove_file(&socket);
         }
+        Command::Audit { action: AuditAction::Export { config, format } } => {
+            if format != "fhir" {
+                bail!("unknown export format `{format}` (supported: fhir)");
+            }
+            let loaded = Config::load(&config)?;
+            let location = loaded.store_location();
+            let store = node::store::Store::open_read_only(&location)
+                .await
+                .with_context(|| format!("cannot open the store at {location}"))?;
+            let verified = store.verify_audit_chain().await.context("the audit chain does not verify")?;
+            let node_name = loaded.node_name();
+            let mut next = 1u64;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            // Up to the last verified record (the daemon may be appending meanwhile).
+            while next <= verified {
+                let page = store.audit_from(next, (verified - next + 1).min(1_000) as u32).await?;
+                let Some(last) = page.last() else { break };
+                next = last.seq + 1;
+                for record in &page {
+                    use std::io::Write;
+                    writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;
+                }
+            }
+            eprintln!("exported {} audit records of {} (chain verified)", next - 1, loaded.name);
+        }
         Command::Studies { config } => match ask(&config, Request::Studies).await? {
             Response::Studies(list) => {
                 println!(
@@ -184,12 +240,26 @@ async fn main() -> anyhow::Result<()> {
             Response::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer: {other:?}"),
         },
-        Command::Submit { config, modality, urgency, question, patient, task, study, files } => {
+        Command::Submit {
+            config,
+            modality,
+            urgency,
+            question,
+            patient,
+            patient_name,
+            birth_date,
+            address,
+            phone,
+            task,
+            study,
+            files,
+        } => {
+            let details = node::daemon::PatientDetails { name: patient_name, birth_date, address, phone };
             let files = files
                 .into_iter()
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("{}", f.display())))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let req = SubmitRequest { files, study, modality, urgency, question, patient, task };
+            let req = SubmitRequest { files, study, modality, urgency, question, patient, task, details };
             match ask(&config, Request::Submit(req)).await? {
                 Response::Submitted { case_id } => println!("{case_id}"),
                 Response::Error { message } => bail!("not submitted: {message}"),
@@ -232,9 +302,10 @@ async fn main() -> anyhow::Result<()> {
                 Ok(other) => bail!("unexpected answer: {other:?}"),
                 Err(_) => {
                     // The daemon is not running: read the store directly (read-only).
-                    let store = node::store::SqliteStore::open_read_only(&loaded.db_path())
+                    let location = loaded.store_location();
+                    let store = node::store::Store::open_read_only(&location)
                         .await
-                        .with_context(|| format!("node not running and no store at {}", loaded.db_path().display()))?;
+                        .with_context(|| format!("node not running and no store at {location}"))?;
                     let cases = store.summaries().await?;
                     if json {
                         let lines: Vec<_> = cases.iter().map(|c| serde_json::json!({

@@ -60,6 +60,7 @@ async fn federation_keeps_every_case_exactly_once_through_random_kill_9_and_rest
                 question: format!("chaos round {round}"),
                 patient: format!("p-{round}-{k}"),
                 task: None,
+                details: Default::default(),
             };
             // The village itself may be down this round: wait for it.
             let mut submitted = None;
