@@ -179,6 +179,7 @@ async fn submit(
         question: "control-plane test".into(),
         patient: "p-cp".into(),
         task: None,
+        details: Default::default(),
     };
     n.submit(req).await.unwrap().unwrap()
 }
