@@ -17,3 +17,5 @@ pub mod store;
 pub mod transfer;
 pub mod transport;
 pub mod view;
+#[cfg(feature = "models")]
+pub mod models;

@@ -1,0 +1,92 @@
+//! Local AI triage: small CPU models (candle) that read a case's attachments and
+//! say what they see with a calibrated confidence.
+//!
+//! - [`ecg`]: rhythm (normal sinus, atrial fibrillation, brady-, tachycardia,
+//!   ectopic beats) from one lead or twelve, at any common sampling rate;
+//! - [`imaging`]: modality / body part (chest X-ray, CT, ultrasound, other) and an
+//!   image-quality flag;
+//! - [`pathology`]: tissue vs background per tile and a tile-quality flag.
+//!
+//! Every model is an [`mlp::Mlp`] on hand-made features, trained from synthetic data
+//! ([`synth`]) by `telemed-node models train KIND` and shipped as safetensors under
+//! `node/models/`; model cards are in `docs/models/`. [`runtime`] runs them for the
+//! daemon off the async runtime with bounded concurrency.
+//!
+//! This module must never decide where a case goes: it returns labels and
+//! confidences; the `tiers` core compares them with the urgency's threshold.
+
+pub mod cli;
+pub mod ecg;
+pub mod imaging;
+pub mod mlp;
+pub mod pathology;
+pub mod synth;
+
+use federation_proto::Modality;
+use sha2::{Digest, Sha256};
+
+pub use mlp::ModelError;
+
+/// The kinds of local model this build can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Ecg,
+    Imaging,
+    Pathology,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::Ecg, ModelKind::Imaging, ModelKind::Pathology];
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Ecg => "ecg",
+            ModelKind::Imaging => "imaging",
+            ModelKind::Pathology => "pathology",
+        }
+    }
+    pub fn modality(self) -> Modality {
+        match self {
+            ModelKind::Ecg => Modality::Ecg,
+            ModelKind::Imaging => Modality::Imaging,
+            ModelKind::Pathology => Modality::Pathology,
+        }
+    }
+    /// The reading task it covers (the daemon's default task for the modality).
+    pub fn task(self) -> &'static str {
+        match self {
+            ModelKind::Ecg => "ecg.rhythm",
+            ModelKind::Imaging => "imaging.triage",
+            ModelKind::Pathology => "pathology.triage",
+        }
+    }
+    /// The weights compiled into this binary.
+    pub fn shipped_weights(self) -> &'static [u8] {
+        match self {
+            ModelKind::Ecg => ecg::WEIGHTS,
+            ModelKind::Imaging => imaging::WEIGHTS,
+            ModelKind::Pathology => pathology::WEIGHTS,
+        }
+    }
+    /// The file name `models train` writes.
+    pub fn file_name(self) -> String {
+        format!("{}.safetensors", self.name())
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown model `{s}` (expected ecg, imaging or pathology)"))
+    }
+}
+
+/// A model's version: its architecture name and the first bytes of its weights'
+/// SHA-256, so a report names exactly the weights that read it.
+pub fn version_of(kind: ModelKind, weights: &[u8]) -> String {
+    let h = Sha256::digest(weights);
+    format!("{}-mlp-1+{}", kind.name(), hex::encode(&h[..6]))
+}
