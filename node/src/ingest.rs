@@ -457,7 +457,18 @@ const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 fn check_structure(path: &Path) -> Result<(), IngestError> {
     let file = File::open(path).map_err(IngestError::Unreadable)?;
     let len = file.metadata()?.len();
-    let mut w = Walker { r: BufReader::with_capacity(64 * 1024, file), pos: 0, len };
+    walk_structure(BufReader::with_capacity(64 * 1024, file), len)
+}
+
+/// `check_structure` over a file already in memory (the readers in
+/// `crate::readers` run it before the DICOM parser, which allocates whatever
+/// length an element declares).
+pub(crate) fn check_structure_bytes(bytes: &[u8]) -> Result<(), IngestError> {
+    walk_structure(io::Cursor::new(bytes), bytes.len() as u64)
+}
+
+fn walk_structure<R: Read + Seek>(r: R, len: u64) -> Result<(), IngestError> {
+    let mut w = Walker { r, pos: 0, len };
     let transfer_syntax =
         w.walk_meta().map_err(|e| IngestError::Malformed(format!("not a readable DICOM file: {e}")))?;
     let explicit = match transfer_syntax.as_str() {

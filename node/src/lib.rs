@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod ingest;
 pub mod loadgen;
+pub mod readers;
 pub mod store;
 pub mod transfer;
 pub mod transport;
