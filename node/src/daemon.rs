@@ -137,16 +137,40 @@ impl Metrics {
 
 enum Input {
     PeerUp(Box<Link>),
-    PeerDown { peer: NodeName, connection_id: usize },
-    Message { from: NodeName, message: Box<Message> },
-    Stored { case_id: CaseId, hash: ContentHash },
-    FetchDone { case_id: CaseId, hash: ContentHash, error: Option<String> },
+    PeerDown {
+        peer: NodeName,
+        connection_id: usize,
+    },
+    Message {
+        from: NodeName,
+        message: Box<Message>,
+    },
+    Stored {
+        case_id: CaseId,
+        hash: ContentHash,
+    },
+    FetchDone {
+        case_id: CaseId,
+        hash: ContentHash,
+        error: Option<String>,
+    },
     Submit(SubmitRequest, oneshot::Sender<Result<CaseId, String>>),
     Status(oneshot::Sender<StatusReport>),
     Show(CaseId, oneshot::Sender<Option<CaseView>>),
     Studies(oneshot::Sender<Result<Vec<crate::ingest::StudySummary>, String>>),
-    ExpertClaim { case_id: CaseId, expert: String },
-    ExpertSign { case_id: CaseId, expert: String },
+    ExpertClaim {
+        case_id: CaseId,
+        expert: String,
+    },
+    ExpertSign {
+        case_id: CaseId,
+        expert: String,
+    },
+    /// A local model finished reading a case (see `triage`).
+    ModelDone {
+        case_id: CaseId,
+        outcome: Result<tiers::ModelOutcome, String>,
+    },
     Shutdown,
 }
 
@@ -246,6 +270,8 @@ struct Core {
     /// The rate cap on what this node serves to peers (a village's uplink), shared
     /// by every link.
     upload_pacer: Option<Arc<transfer::Pacer>>,
+    /// Local AI models (answers `Output::RunModel`).
+    models: crate::triage::ModelHost,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -298,6 +324,12 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         .map(|e| ExpertPool { modality: e.modality, on_duty: e.on_duty, service_ms: e.service_min * 60_000 })
         .collect();
     node_config.seed = rand::random();
+    let model_configs = config.models.clone();
+    let models = tokio::task::spawn_blocking(move || crate::triage::ModelHost::load(&model_configs))
+        .await
+        .map_err(|e| DaemonError::Config(format!("loading models: {e}")))?
+        .map_err(DaemonError::Config)?;
+    node_config.models = models.specs();
     let records = store.load().await?;
     let restored = records.len();
     let core = Node::restore(node_config, signing_key, records, now());
@@ -387,6 +419,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         metrics: metrics.clone(),
         limits,
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
+        models,
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running { name: config.node_name(), addr, metrics, control: ControlHandle { tx }, task, background, endpoint })
@@ -671,6 +704,14 @@ impl Core {
                     tracing::warn!(%case_id, "simulated report: {e}");
                 }
             }
+            Input::ModelDone { case_id, outcome } => {
+                if let Err(e) = &outcome {
+                    tracing::warn!(%case_id, "model read failed, the case goes on without it: {e}");
+                }
+                if let Err(e) = self.core.handle_model_result(t, case_id, outcome) {
+                    tracing::debug!(%case_id, "model result not applied: {e}");
+                }
+            }
             Input::Shutdown => {}
         }
     }
@@ -784,9 +825,16 @@ impl Core {
                 }
                 Output::Send { to, message } => self.send(to, message),
                 Output::RunModel { case_id, model } => {
-                    // No model runtime in this build yet: the core carries on without one.
-                    let _ =
-                        self.core.handle_model_result(now(), case_id, Err(format!("model {model} is not installed")));
+                    // Off the runtime, bounded (see `triage`); the answer comes back as an input.
+                    let files = self.core.case(&case_id).map_or_else(Vec::new, |c| {
+                        c.info.attachments.iter().map(|a| self.blobs.path_of(&a.hash)).collect()
+                    });
+                    let tx = self.tx.clone();
+                    self.models.run(case_id, &model, files, move |case_id, outcome| {
+                        tokio::spawn(async move {
+                            let _ = tx.send(Input::ModelDone { case_id, outcome }).await;
+                        });
+                    });
                 }
                 Output::FetchAttachments { case_id, from, attachments } => self.fetch(case_id, from, attachments),
                 Output::Notify(event) => self.notify(event).await,

@@ -281,6 +281,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             rate_limit_bytes_per_s: None,
             dicom: None,
             inbox: None,
+            models: Vec::new(),
         });
     }
     Ok(configs)

@@ -13,10 +13,11 @@ pub mod daemon;
 pub mod demo;
 pub mod ingest;
 pub mod loadgen;
+#[cfg(feature = "models")]
+pub mod models;
 pub mod readers;
 pub mod store;
 pub mod transfer;
 pub mod transport;
+pub mod triage;
 pub mod view;
-#[cfg(feature = "models")]
-pub mod models;

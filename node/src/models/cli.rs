@@ -26,24 +26,39 @@ pub fn train(kind: ModelKind, out: &Path, seed: u64) -> Result<String, String> {
             let t = super::imaging::ImagingTraining { seed, ..Default::default() };
             let tr = super::imaging::train(&t).map_err(|e| e.to_string())?;
             let bytes = tr.model.to_bytes().map_err(|e| e.to_string())?;
-            let kind = metrics_table(&super::imaging::KINDS, &tr.kind_before, &tr.kind_after, tr.model.kind.temperature);
-            let quality =
-                metrics_table(&super::imaging::QUALITY, &tr.quality_before, &tr.quality_after, tr.model.quality.temperature);
-            (bytes, format!("images: {} synthetic phantoms (seed {seed})\n\nkind:\n{kind}\nquality:\n{quality}", t.images))
+            let kind =
+                metrics_table(&super::imaging::KINDS, &tr.kind_before, &tr.kind_after, tr.model.kind.temperature);
+            let quality = metrics_table(
+                &super::imaging::QUALITY,
+                &tr.quality_before,
+                &tr.quality_after,
+                tr.model.quality.temperature,
+            );
+            (
+                bytes,
+                format!("images: {} synthetic phantoms (seed {seed})\n\nkind:\n{kind}\nquality:\n{quality}", t.images),
+            )
         }
         ModelKind::Pathology => {
             let t = super::pathology::PathologyTraining { seed, ..Default::default() };
             let tr = super::pathology::train(&t).map_err(|e| e.to_string())?;
             let bytes = tr.model.to_bytes().map_err(|e| e.to_string())?;
-            let tissue =
-                metrics_table(&super::pathology::TISSUE, &tr.tissue_before, &tr.tissue_after, tr.model.tissue.temperature);
+            let tissue = metrics_table(
+                &super::pathology::TISSUE,
+                &tr.tissue_before,
+                &tr.tissue_after,
+                tr.model.tissue.temperature,
+            );
             let quality = metrics_table(
                 &super::pathology::QUALITY,
                 &tr.quality_before,
                 &tr.quality_after,
                 tr.model.quality.temperature,
             );
-            (bytes, format!("tiles: {} synthetic tiles (seed {seed})\n\ntissue:\n{tissue}\nquality:\n{quality}", t.tiles))
+            (
+                bytes,
+                format!("tiles: {} synthetic tiles (seed {seed})\n\ntissue:\n{tissue}\nquality:\n{quality}", t.tiles),
+            )
         }
     };
     let path = out.join(kind.file_name());
@@ -81,6 +96,35 @@ pub fn bench(iterations: u32) -> Result<String, String> {
 
 /// What the models read in `file`.
 pub fn classify(file: &Path, config: Option<&crate::config::Config>) -> Result<String, String> {
-    let _ = (file, config);
-    Err("classify: not built yet".into())
+    let input = super::local::load_input(file)?;
+    let kind = input.kind();
+    let weights = match config.and_then(|c| c.models.iter().find(|m| m.kind == kind.name())) {
+        Some(m) if m.weights.is_some() => {
+            let p = m.weights.as_ref().expect("checked");
+            std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        _ => kind.shipped_weights().to_vec(),
+    };
+    let thresholds = config
+        .and_then(|c| c.models.iter().find(|m| m.kind == kind.name()))
+        .and_then(|m| m.thresholds)
+        .unwrap_or(super::local::default_thresholds(kind));
+    let model = super::local::LocalModel::load(kind, &weights).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    let reading = model.read_input(&input).map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    let mut s = String::new();
+    let _ = writeln!(s, "file:     {}", file.display());
+    let _ = writeln!(s, "model:    {} {} ({:.2} ms)", kind.name(), reading.version, took.as_secs_f64() * 1000.0);
+    let _ = writeln!(s, "read:     {}", reading.summary);
+    let _ = writeln!(s, "labels:");
+    for l in &reading.labels {
+        let _ = writeln!(s, "  {:<32} {:.3}", l.label, l.confidence);
+    }
+    let decisive = reading.labels.first().map_or(0.0, |l| l.confidence);
+    for (urgency, t) in federation_proto::Urgency::ALL.iter().zip(thresholds) {
+        let verdict = if decisive >= t { "resolve here (machine report)" } else { "send up with this finding" };
+        let _ = writeln!(s, "{:<9} threshold {t:.2}: {verdict}", format!("{urgency}:"));
+    }
+    Ok(s)
 }

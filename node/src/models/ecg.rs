@@ -67,6 +67,17 @@ impl EcgModel {
         Ok(EcgModel { mlp: Mlp::from_safetensors(bytes, FEATURES, Rhythm::ALL.len())? })
     }
 
+    /// Reads an ECG: lead II if it has one (MLII in MIT-BIH records), else its
+    /// first lead.
+    pub fn read(&self, ecg: &crate::readers::Ecg) -> Result<EcgRead, ModelError> {
+        let lead = ["II", "MLII"]
+            .iter()
+            .find_map(|n| ecg.lead(n))
+            .or(ecg.leads.first())
+            .ok_or_else(|| ModelError::Input("the ECG has no leads".into()))?;
+        self.read_lead(&lead.millivolts, ecg.sample_rate_hz as f64)
+    }
+
     /// Reads one lead sampled at `sample_rate_hz` (any common rate).
     pub fn read_lead(&self, millivolts: &[f32], sample_rate_hz: f64) -> Result<EcgRead, ModelError> {
         if !(20.0..=20_000.0).contains(&sample_rate_hz) {
@@ -90,7 +101,11 @@ impl EcgModel {
         let mut feats = Vec::new();
         let mut beats = Vec::new();
         for (k, &s) in starts.iter().enumerate() {
-            let end = if k + 1 == starts.len() && x.len() - (s + win.min(x.len())) < win / 2 { x.len() } else { (s + win).min(x.len()) };
+            let end = if k + 1 == starts.len() && x.len() - (s + win.min(x.len())) < win / 2 {
+                x.len()
+            } else {
+                (s + win).min(x.len())
+            };
             let f = features(&x[s..end], RATE_HZ);
             beats.push(f.beats);
             feats.push(f.values);
@@ -115,31 +130,11 @@ impl EcgModel {
     }
 }
 
-/// Linear-interpolation resampling (the ECG band is far below every common rate's
-/// Nyquist frequency; a moving average first limits aliasing when downsampling).
+/// One lead resampled with the readers' band-limited resampler.
 pub fn resample(x: &[f32], from_hz: f64, to_hz: f64) -> Vec<f32> {
-    if x.is_empty() || (from_hz - to_hz).abs() < 1e-9 {
-        return x.to_vec();
-    }
-    let smoothed;
-    let src: &[f32] = if from_hz > to_hz * 1.5 {
-        let k = (from_hz / to_hz).round() as usize;
-        smoothed = moving_mean(x, k.max(1));
-        &smoothed
-    } else {
-        x
-    };
-    let n = ((x.len() as f64) * to_hz / from_hz).floor() as usize;
-    (0..n)
-        .map(|i| {
-            let pos = i as f64 * from_hz / to_hz;
-            let j = pos.floor() as usize;
-            let frac = (pos - j as f64) as f32;
-            let a = src[j.min(src.len() - 1)];
-            let b = src[(j + 1).min(src.len() - 1)];
-            a + (b - a) * frac
-        })
-        .collect()
+    use crate::readers::{Ecg, Lead};
+    let ecg = Ecg { sample_rate_hz: from_hz as f32, leads: vec![Lead { name: String::new(), millivolts: x.to_vec() }] };
+    ecg.resample(to_hz as f32).leads.remove(0).millivolts
 }
 
 /// Centred moving mean over `w` samples (edges use the samples available).
@@ -236,7 +231,8 @@ pub fn features(raw: &[f32], fs: f64) -> Features {
     let sd_rr = (rr.iter().map(|v| (v - mean_rr).powi(2)).sum::<f64>() / rr.len() as f64).sqrt();
     let drr: Vec<f64> = rr.windows(2).map(|w| (w[1] - w[0]).abs()).collect();
     let rmssd = if drr.is_empty() { 0.0 } else { (drr.iter().map(|d| d * d).sum::<f64>() / drr.len() as f64).sqrt() };
-    let irregular = if drr.is_empty() { 0.0 } else { drr.iter().filter(|d| **d > 0.1 * med_rr).count() as f64 / drr.len() as f64 };
+    let irregular =
+        if drr.is_empty() { 0.0 } else { drr.iter().filter(|d| **d > 0.1 * med_rr).count() as f64 / drr.len() as f64 };
     let premature: Vec<bool> = (0..rr.len())
         .map(|i| rr[i] < 0.85 * med_rr && rr.get(i + 1).is_some_and(|next| *next > 1.1 * med_rr))
         .collect();
@@ -423,7 +419,8 @@ pub fn train(t: &EcgTraining) -> Result<Trained, ModelError> {
     let (xtr, ytr) = dataset(t.seed, t.records, Split::Train);
     let (xca, yca) = dataset(t.seed, t.records, Split::Calibrate);
     let (xte, yte) = dataset(t.seed, t.records, Split::Test);
-    let spec = TrainSpec { hidden: vec![32, 32], epochs: t.epochs, learning_rate: 0.01, weight_decay: 1e-3, seed: t.seed };
+    let spec =
+        TrainSpec { hidden: vec![32, 32], epochs: t.epochs, learning_rate: 0.01, weight_decay: 1e-3, seed: t.seed };
     let mut mlp = Mlp::train(&xtr, &ytr, Rhythm::ALL.len(), &spec)?;
     let before = Metrics::of(&mlp.predict(&xte)?, &yte, Rhythm::ALL.len());
     mlp.fit_temperature(&xca, &yca)?;

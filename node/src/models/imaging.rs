@@ -110,10 +110,16 @@ impl ImagingModel {
 
     pub fn read(&self, image: &GrayImage) -> Result<ImageRead, ModelError> {
         if image.width < 8 || image.height < 8 || image.pixels.len() != image.width * image.height {
-            return Err(ModelError::Input(format!("image {}×{} is too small or inconsistent", image.width, image.height)));
+            return Err(ModelError::Input(format!(
+                "image {}×{} is too small or inconsistent",
+                image.width, image.height
+            )));
         }
         let f = vec![features(image)];
-        Ok(ImageRead { kind_probs: self.kind.predict(&f)?.remove(0), quality_probs: self.quality.predict(&f)?.remove(0) })
+        Ok(ImageRead {
+            kind_probs: self.kind.predict(&f)?.remove(0),
+            quality_probs: self.quality.predict(&f)?.remove(0),
+        })
     }
 }
 
@@ -251,7 +257,8 @@ fn fill(img: &mut GrayImage, f: impl Fn(f32, f32) -> Option<f32>) {
     for y in 0..h {
         for x in 0..w {
             // Coordinates centred, y down, unit = half the width.
-            let (u, v) = ((x as f32 - w as f32 / 2.0) / (w as f32 / 2.0), (y as f32 - h as f32 / 2.0) / (w as f32 / 2.0));
+            let (u, v) =
+                ((x as f32 - w as f32 / 2.0) / (w as f32 / 2.0), (y as f32 - h as f32 / 2.0) / (w as f32 / 2.0));
             if let Some(val) = f(u, v) {
                 img.pixels[y * w + x] = val;
             }
@@ -311,7 +318,12 @@ fn ct(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
     let ry = if head { rx * rng.random_range(0.95..1.25) } else { ry };
     let blobs: Vec<(f32, f32, f32, f32)> = (0..rng.random_range(2..6))
         .map(|_| {
-            (rng.random_range(-0.5..0.5), rng.random_range(-0.4..0.4), rng.random_range(0.05..0.2), rng.random_range(-0.12..0.12))
+            (
+                rng.random_range(-0.5..0.5),
+                rng.random_range(-0.4..0.4),
+                rng.random_range(0.05..0.2),
+                rng.random_range(-0.12..0.12),
+            )
         })
         .collect();
     let table = rng.random_bool(0.7);
@@ -332,7 +344,10 @@ fn ct(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
                 val = soft + dv;
             }
         }
-        if thorax && (ellipse(u, v, -0.45 * rx, -0.05, 0.3 * rx, 0.55 * ry) || ellipse(u, v, 0.45 * rx, -0.05, 0.3 * rx, 0.55 * ry)) {
+        if thorax
+            && (ellipse(u, v, -0.45 * rx, -0.05, 0.3 * rx, 0.55 * ry)
+                || ellipse(u, v, 0.45 * rx, -0.05, 0.3 * rx, 0.55 * ry))
+        {
             val = 0.04;
         }
         if ellipse(u, v, 0.0, 0.65 * ry, 0.12, 0.1) {
@@ -349,8 +364,9 @@ fn ultrasound(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
     let apex_v = -(img.height as f32 / img.width as f32) * rng.random_range(0.85..1.0);
     let depth = rng.random_range(1.2..1.9);
     let echo = rng.random_range(0.2..0.5);
-    let cysts: Vec<(f32, f32, f32)> =
-        (0..rng.random_range(0..4)).map(|_| (rng.random_range(-0.4..0.4), rng.random_range(0.0..0.6), rng.random_range(0.06..0.2))).collect();
+    let cysts: Vec<(f32, f32, f32)> = (0..rng.random_range(0..4))
+        .map(|_| (rng.random_range(-0.4..0.4), rng.random_range(0.0..0.6), rng.random_range(0.06..0.2)))
+        .collect();
     let mut speckle = GrayImage { width: img.width, height: img.height, pixels: vec![0.0; img.width * img.height] };
     for p in speckle.pixels.iter_mut() {
         // Rayleigh-like speckle.
@@ -422,10 +438,19 @@ fn other(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
         1 => {
             // Smooth random field (photograph-like).
             let freq: Vec<(f32, f32, f32, f32)> = (0..6)
-                .map(|_| (rng.random_range(0.5..6.0), rng.random_range(0.5..6.0), rng.random_range(0.0..6.28), rng.random_range(0.05..0.2)))
+                .map(|_| {
+                    (
+                        rng.random_range(0.5..6.0),
+                        rng.random_range(0.5..6.0),
+                        rng.random_range(0.0..6.28),
+                        rng.random_range(0.05..0.2),
+                    )
+                })
                 .collect();
             let base = rng.random_range(0.3..0.7);
-            fill(img, |u, v| Some(base + freq.iter().map(|(a, b, p, amp)| amp * (a * u + b * v + p).sin()).sum::<f32>()));
+            fill(img, |u, v| {
+                Some(base + freq.iter().map(|(a, b, p, amp)| amp * (a * u + b * v + p).sin()).sum::<f32>())
+            });
         }
         2 => {
             // A document: light page, dark text lines.
@@ -438,7 +463,11 @@ fn other(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
                 let line = ((v + 1.0) / pitch) as i32;
                 let in_line = ((v + 1.0) / pitch).fract() < 0.4;
                 let len = seed[(line.unsigned_abs() as usize) % 64];
-                Some(if in_line && u > -0.85 && u < -0.85 + 1.7 * len && ((u * 40.0).sin() > -0.2) { ink } else { page })
+                Some(if in_line && u > -0.85 && u < -0.85 + 1.7 * len && ((u * 40.0).sin() > -0.2) {
+                    ink
+                } else {
+                    page
+                })
             });
         }
         3 => {
@@ -451,7 +480,14 @@ fn other(rng: &mut ChaCha8Rng, img: &mut GrayImage) {
         _ => {
             // Geometric shapes (a test pattern).
             let shapes: Vec<(f32, f32, f32, f32)> = (0..rng.random_range(2..8))
-                .map(|_| (rng.random_range(-0.8..0.8), rng.random_range(-0.8..0.8), rng.random_range(0.05..0.4), rng.random_range(0.0..1.0)))
+                .map(|_| {
+                    (
+                        rng.random_range(-0.8..0.8),
+                        rng.random_range(-0.8..0.8),
+                        rng.random_range(0.05..0.4),
+                        rng.random_range(0.0..1.0),
+                    )
+                })
                 .collect();
             let bg = rng.random_range(0.0..1.0);
             fill(img, |u, v| {

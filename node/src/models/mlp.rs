@@ -114,11 +114,7 @@ impl Mlp {
     pub fn fit_temperature(&mut self, x: &[Vec<f32>], y: &[u32]) -> Result<(), ModelError> {
         let logits = self.logits(x)?;
         let nll = |t: f32| -> f64 {
-            logits
-                .iter()
-                .zip(y)
-                .map(|(l, &c)| -(softmax(l, t)[c as usize].max(1e-12) as f64).ln())
-                .sum::<f64>()
+            logits.iter().zip(y).map(|(l, &c)| -(softmax(l, t)[c as usize].max(1e-12) as f64).ln()).sum::<f64>()
         };
         let mut best = (f64::INFINITY, 1.0f32);
         for k in 0..=60 {
@@ -173,7 +169,8 @@ impl Mlp {
         classes: usize,
     ) -> Result<Mlp, ModelError> {
         let mut take = |name: &str| {
-            map.remove(&format!("{prefix}{name}")).ok_or_else(|| ModelError::Format(format!("no tensor `{prefix}{name}`")))
+            map.remove(&format!("{prefix}{name}"))
+                .ok_or_else(|| ModelError::Format(format!("no tensor `{prefix}{name}`")))
         };
         let mean: Vec<f32> = take("norm.mean")?.to_dtype(DType::F32)?.to_vec1()?;
         let std: Vec<f32> = take("norm.std")?.to_dtype(DType::F32)?.to_vec1()?;

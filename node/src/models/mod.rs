@@ -18,6 +18,8 @@
 pub mod cli;
 pub mod ecg;
 pub mod imaging;
+pub mod inputs;
+pub mod local;
 pub mod mlp;
 pub mod pathology;
 pub mod synth;

@@ -145,7 +145,9 @@ pub fn features(t: &RgbTile) -> Vec<f32> {
     for y in 1..h - 1 {
         for x in 1..w - 1 {
             let c = grey[y * w + x];
-            lap += (4.0 * c - grey[y * w + x - 1] - grey[y * w + x + 1] - grey[(y - 1) * w + x] - grey[(y + 1) * w + x]).abs();
+            lap +=
+                (4.0 * c - grey[y * w + x - 1] - grey[y * w + x + 1] - grey[(y - 1) * w + x] - grey[(y + 1) * w + x])
+                    .abs();
         }
     }
     lap /= ((w - 2) * (h - 2)) as f32;
@@ -199,7 +201,8 @@ pub fn tile(rng: &mut ChaCha8Rng, tissue: bool, quality: usize) -> RgbTile {
             // Stroma with fibres and pale holes (lumens, fat).
             let fibre = ((x as f32 * fx + (y as f32 * fy).sin() * 3.0).sin() * 0.5 + 0.5) * 0.35;
             let k = 0.65 + fibre;
-            px[y * w + x] = [eosin[0] * k + 255.0 * (1.0 - k), eosin[1] * k + 255.0 * (1.0 - k), eosin[2] * k + 255.0 * (1.0 - k)];
+            px[y * w + x] =
+                [eosin[0] * k + 255.0 * (1.0 - k), eosin[1] * k + 255.0 * (1.0 - k), eosin[2] * k + 255.0 * (1.0 - k)];
         }
     }
     for _ in 0..nuclei {
@@ -254,10 +257,8 @@ pub fn tile(rng: &mut ChaCha8Rng, tissue: bool, quality: usize) -> RgbTile {
         _ => {}
     }
     let noise = rng.random_range(1.0..6.0);
-    let rgb = px
-        .iter()
-        .flat_map(|p| p.map(|c| (c + noise * gauss(rng) as f32).round().clamp(0.0, 255.0) as u8))
-        .collect();
+    let rgb =
+        px.iter().flat_map(|p| p.map(|c| (c + noise * gauss(rng) as f32).round().clamp(0.0, 255.0) as u8)).collect();
     RgbTile { width: w, height: h, rgb }
 }
 
@@ -339,5 +340,11 @@ pub fn train(t: &PathologyTraining) -> Result<TrainedPathology, ModelError> {
     quality.fit_temperature(&xca, &qca)?;
     let tissue_after = Metrics::of(&tissue.predict(&xte)?, &tte, TISSUE.len());
     let quality_after = Metrics::of(&quality.predict(&xte)?, &qte, QUALITY.len());
-    Ok(TrainedPathology { model: PathologyModel { tissue, quality }, tissue_before, tissue_after, quality_before, quality_after })
+    Ok(TrainedPathology {
+        model: PathologyModel { tissue, quality },
+        tissue_before,
+        tissue_after,
+        quality_before,
+        quality_after,
+    })
 }

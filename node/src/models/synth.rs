@@ -185,7 +185,9 @@ pub fn ecg(rng: &mut ChaCha8Rng, rhythm: Rhythm, seconds: f64, sample_rate_hz: f
     let mains = if rng.random_bool(0.4) { rng.random_range(0.0..0.05) } else { 0.0 };
     let fib: Vec<(f64, f64, f64)> = if rhythm == Rhythm::AtrialFibrillation {
         let a = rng.random_range(0.01..0.1);
-        (0..3).map(|_| (a * rng.random_range(0.3..1.0), rng.random_range(4.0..9.0), rng.random_range(0.0..2.0 * PI))).collect()
+        (0..3)
+            .map(|_| (a * rng.random_range(0.3..1.0), rng.random_range(4.0..9.0), rng.random_range(0.0..2.0 * PI)))
+            .collect()
     } else {
         Vec::new()
     };
