@@ -475,6 +475,9 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
 
 #[path = "node/chaos.rs"]
 mod chaos;
+#[cfg(feature = "models")]
+#[path = "node/models.rs"]
+mod models;
 
 mod federation_processes {
     use federation_proto::{Modality, Tier};

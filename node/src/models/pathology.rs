@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub const TISSUE: [&str; 2] = ["background", "tissue"];
 pub const QUALITY: [&str; 4] = ["tile_adequate", "tile_blurred", "tile_pen_mark", "tile_overexposed"];
-const GLOBAL: usize = 14;
+const GLOBAL: usize = 15;
 pub const FEATURES: usize = GLOBAL + 4 * 4 * 3;
 pub static WEIGHTS: &[u8] = include_bytes!("../../models/pathology.safetensors");
 
@@ -153,7 +153,26 @@ pub fn features(t: &RgbTile) -> Vec<f32> {
     lap /= ((w - 2) * (h - 2)) as f32;
     let gmean = grey.iter().sum::<f32>() / n;
     let gstd = (grey.iter().map(|v| (v - gmean).powi(2)).sum::<f32>() / n).sqrt();
+    // The same at half resolution (2×2 means): pixel noise averages out there, so
+    // blur shows even on a noisy scan.
+    let (w2, h2) = (w / 2, h / 2);
+    let g2: Vec<f32> = (0..w2 * h2)
+        .map(|i| {
+            let (x, y) = (2 * (i % w2), 2 * (i / w2));
+            (grey[y * w + x] + grey[y * w + x + 1] + grey[(y + 1) * w + x] + grey[(y + 1) * w + x + 1]) / 4.0
+        })
+        .collect();
+    let mut lap2 = 0f32;
+    for y in 1..h2.saturating_sub(1) {
+        for x in 1..w2.saturating_sub(1) {
+            let c = g2[y * w2 + x];
+            lap2 +=
+                (4.0 * c - g2[y * w2 + x - 1] - g2[y * w2 + x + 1] - g2[(y - 1) * w2 + x] - g2[(y + 1) * w2 + x]).abs();
+        }
+    }
+    lap2 /= (w2.saturating_sub(2) * h2.saturating_sub(2)).max(1) as f32;
     f.extend([sat / n, od / n, white / n, pen / n, clipped / n, dark / n, lap / gstd.max(0.01), lap * 10.0]);
+    f.push(lap2 / gstd.max(0.01));
     // 4×4 colour thumbnail.
     for ty in 0..4 {
         for tx in 0..4 {
