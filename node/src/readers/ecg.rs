@@ -14,7 +14,7 @@ use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-use super::{FILE_BYTES_MAX, ReadError, parse_dicom, read_file_limited};
+use super::{FILE_BYTES_MAX, ReadError, dicom_number as number, dicom_text as text, parse_dicom, read_file_limited};
 
 /// One lead (channel) of an ECG.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,7 +185,12 @@ pub const CHANNELS_MAX: usize = 512;
 /// 32-bit SL/UL, channels interleaved.
 pub fn read_dicom_ecg(bytes: &[u8]) -> Result<Ecg, ReadError> {
     let obj = parse_dicom(bytes)?;
-    let groups = seq(&obj, tags::WAVEFORM_SEQUENCE, "Waveform Sequence")?;
+    ecg_from_dicom(&obj)
+}
+
+/// [`read_dicom_ecg`] on an object already parsed.
+pub(crate) fn ecg_from_dicom(obj: &InMemDicomObject) -> Result<Ecg, ReadError> {
+    let groups = seq(obj, tags::WAVEFORM_SEQUENCE, "Waveform Sequence")?;
     if groups.is_empty() {
         return Err(ReadError::malformed(FORMAT, "the Waveform Sequence is empty"));
     }
@@ -358,16 +363,6 @@ fn lead_from_code(code: &str) -> Option<&'static str> {
     ];
     let n: u32 = code.strip_prefix("5.6.3-9-").or_else(|| code.strip_prefix("2:"))?.parse().ok()?;
     LIMB_AND_CHEST.iter().find(|(c, _)| *c == n).map(|(_, name)| *name)
-}
-
-fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let e = obj.element_opt(tag).ok()??;
-    let s = e.to_str().ok()?;
-    Some(s.trim_matches(['\0', ' ']).to_string())
-}
-
-fn number(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
-    obj.element_opt(tag).ok()??.to_float64().ok()
 }
 
 fn required_number(obj: &InMemDicomObject, tag: Tag, name: &str) -> Result<f64, ReadError> {
