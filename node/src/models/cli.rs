@@ -88,10 +88,46 @@ pub fn metrics_table(names: &[&str], before: &super::mlp::Metrics, after: &super
     s
 }
 
-/// Measures the shipped models' inference time (see docs/benchmarks.md).
+/// Measures the shipped models' inference time (see docs/benchmarks.md): the
+/// median and 95th percentile over `iterations` reads of each model's standard
+/// input, on the calling thread (one core).
 pub fn bench(iterations: u32) -> Result<String, String> {
-    let _ = iterations;
-    Err("bench: not built yet".into())
+    use super::local::{Input, LocalModel, standard_input};
+    let mut s = String::new();
+    let _ = writeln!(s, "| model | input | median | p95 | reads/s (one core) |\n|---|---|---|---|---|");
+    for kind in ModelKind::ALL {
+        let model = LocalModel::shipped(kind).map_err(|e| e.to_string())?;
+        let input = standard_input(kind);
+        let raw_tile: Option<Vec<u8>> = match &input {
+            Input::Tiles(_) => Some((0..256 * 256 * 3).map(|i| (150 + (i * 7919) % 90) as u8).collect()),
+            _ => None,
+        };
+        let mut times = Vec::new();
+        for _ in 0..iterations.max(1) {
+            let t = std::time::Instant::now();
+            match &raw_tile {
+                // A tile is timed from its decoded 256×256 RGB: reduction, features, networks.
+                Some(rgb) => {
+                    let tile = super::inputs::shrink_tile(rgb, 256, 256, super::inputs::TILE_SIDE);
+                    model.read_input(&Input::Tiles(vec![tile])).map_err(|e| e.to_string())?;
+                }
+                None => {
+                    model.read_input(&input).map_err(|e| e.to_string())?;
+                }
+            }
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        let median = times[times.len() / 2];
+        let p95 = times[(times.len() * 95 / 100).min(times.len() - 1)];
+        let what = match kind {
+            ModelKind::Ecg => "10 s 12-lead ECG, 500 Hz",
+            ModelKind::Imaging => "one image (192×192 after the reader)",
+            ModelKind::Pathology => "one 256×256 RGB tile",
+        };
+        let _ = writeln!(s, "| {} | {what} | {median:.3} ms | {p95:.3} ms | {:.0} |", kind.name(), 1000.0 / median);
+    }
+    Ok(s)
 }
 
 /// What the models read in `file`.

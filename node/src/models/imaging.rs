@@ -62,6 +62,43 @@ impl GrayImage {
     }
 }
 
+/// What the DICOM header says, where it says it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Header {
+    pub modality: Option<String>,
+    pub body_part: Option<String>,
+}
+
+impl Header {
+    /// Whether the header contradicts a pixel read of `kind`.
+    pub fn contradicts(&self, kind: &str) -> bool {
+        match self.kind() {
+            Some("radiograph") => kind != "chest_xray",
+            Some(h) => h != kind,
+            None => false,
+        }
+    }
+
+    /// The kind (one of [`KINDS`]) the header implies, if it implies one: CT,
+    /// US, a CR/DX radiograph of the chest, or "other" for anything else named
+    /// (MR, a radiograph of another part, ...); "radiograph" when it names no part.
+    pub fn kind(&self) -> Option<&'static str> {
+        let m = self.modality.as_deref()?.trim().to_ascii_uppercase();
+        let part = self.body_part.as_deref().map(|p| p.trim().to_ascii_uppercase());
+        Some(match m.as_str() {
+            "CT" => "ct",
+            "US" => "ultrasound",
+            "CR" | "DX" | "RG" => match part.as_deref() {
+                Some("CHEST") | Some("THORAX") => "chest_xray",
+                None | Some("") => "radiograph",
+                Some(_) => "other",
+            },
+            "" | "OT" => return None,
+            _ => "other",
+        })
+    }
+}
+
 /// The two models.
 #[derive(Debug, Clone)]
 pub struct ImagingModel {

@@ -123,9 +123,15 @@ impl LocalModel {
                     ),
                 ))
             }
-            (Loaded::Imaging(m), Input::Image(img)) => {
+            (Loaded::Imaging(m), Input::Image((img, header))) => {
                 let read = m.read(img)?;
                 let (kind, p) = read.recognised();
+                // The DICOM header may contradict the pixels (e.g. a radiograph of a
+                // knee looks like no phantom the model knows): then the read is
+                // capped below every threshold and says why.
+                let header_kind = header.kind();
+                let disagrees = header.contradicts(kind);
+                let p = if disagrees { p.min(0.5) } else { p };
                 let (quality, q) = read.quality();
                 let (top, tp) = read.top();
                 let labels = vec![
@@ -133,7 +139,15 @@ impl LocalModel {
                     Label { label: KINDS[KIND_OTHER].into(), confidence: read.kind_probs[KIND_OTHER] },
                     Label { label: quality.into(), confidence: q },
                 ];
-                let summary = if top == KINDS[KIND_OTHER] {
+                let mut labels = labels;
+                if let (true, Some(h)) = (disagrees, header_kind) {
+                    labels.push(Label { label: format!("dicom_header_says_{h}"), confidence: 1.0 });
+                }
+                let summary = if let (true, Some(h)) = (disagrees, header_kind) {
+                    format!(
+                        "pixels say {kind} ({p:.3}) but the DICOM header says {h}: not decisive; {quality} ({q:.3})"
+                    )
+                } else if top == KINDS[KIND_OTHER] {
                     format!(
                         "not an image this model reads (other {tp:.3}; best known kind {kind} {p:.3}); {quality} ({q:.3})"
                     )
@@ -169,7 +183,7 @@ impl LocalModel {
 #[derive(Debug, Clone)]
 pub enum Input {
     Ecg(crate::readers::Ecg),
-    Image(GrayImage),
+    Image((GrayImage, super::imaging::Header)),
     Tiles(Vec<RgbTile>),
 }
 
@@ -188,7 +202,10 @@ pub fn load_input(path: &Path) -> Result<Input, String> {
     super::inputs::load(path)
 }
 
-fn standard_input(kind: ModelKind) -> Input {
+/// The standard input of each model's speed figure: a 10 s 12-lead ECG at 500 Hz
+/// (synthetic sinus rhythm); a 192×192 image (the size the model reads, after the
+/// reader's downsampling); one 256×256 RGB tile after its reduction to 64×64.
+pub fn standard_input(kind: ModelKind) -> Input {
     let mut rng = super::synth::rng_for(u64::MAX, 0);
     match kind {
         ModelKind::Ecg => {
@@ -201,11 +218,11 @@ fn standard_input(kind: ModelKind) -> Input {
         }
         ModelKind::Imaging => {
             let img = super::imaging::phantom(&mut rng, 0, false);
-            Input::Image(img.resize(512, 512))
+            Input::Image((img.resize(192, 192), super::imaging::Header::default()))
         }
         ModelKind::Pathology => {
             let t = super::pathology::tile(&mut rng, true, 0);
-            // Upscale to 256×256 by nearest neighbour: a standard tile size.
+            // Enlarge to 256×256 (nearest neighbour), then reduce as slide tiles are.
             let mut rgb = Vec::with_capacity(256 * 256 * 3);
             for y in 0..256 {
                 for x in 0..256 {
@@ -213,7 +230,7 @@ fn standard_input(kind: ModelKind) -> Input {
                     rgb.extend_from_slice(&t.rgb[(sy * t.width + sx) * 3..(sy * t.width + sx) * 3 + 3]);
                 }
             }
-            Input::Tiles(vec![RgbTile { width: 256, height: 256, rgb }])
+            Input::Tiles(vec![super::inputs::shrink_tile(&rgb, 256, 256, super::inputs::TILE_SIDE)])
         }
     }
 }

@@ -110,3 +110,47 @@ async fn confident_model_resolves_here_and_unsure_one_sends_the_case_up_with_its
     village.shutdown().await.unwrap();
     parent.shutdown().await.unwrap();
 }
+
+#[test]
+fn pydicom_data_chest_radiograph_is_recognised_as_a_chest_xray() {
+    use node::models::{ModelKind, local::LocalModel};
+    let model = LocalModel::shipped(ModelKind::Imaging).unwrap();
+    let chest = node::models::inputs::load(&testdata("RG1_J2KI.dcm")).unwrap();
+    let read = model.read_input(&chest).unwrap();
+    assert_eq!(read.labels[0].label, "chest_xray", "{read:?}");
+    assert!(read.labels[0].confidence > 0.9, "{read:?}");
+    // The same set's radiograph of a tibia is not called a chest X-ray.
+    let tibia = node::models::inputs::load(&testdata("RG3_J2KI.dcm")).unwrap();
+    let read = model.read_input(&tibia).unwrap();
+    assert!(read.labels[0].label != "chest_xray" || read.labels[0].confidence <= 0.5, "{read:?}");
+}
+
+#[test]
+fn cmu_slide_tissue_tiles_are_told_apart_from_background() {
+    use node::models::pathology::{PathologyModel, tissue_share_by_rule};
+    let mut slide = node::readers::Slide::open(testdata("cmu_small_region.svs")).unwrap();
+    let tiles = node::models::inputs::slide_tiles(&mut slide).unwrap();
+    let model = PathologyModel::shipped().unwrap();
+    let reads = model.read(&tiles.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>()).unwrap();
+    // Reference labels by the documented rule; tiles in between are left out.
+    let (mut agree, mut tissue, mut background) = (0, 0, 0);
+    for ((_, t), r) in tiles.iter().zip(&reads) {
+        let share = tissue_share_by_rule(t);
+        let truth = if share >= 0.5 {
+            tissue += 1;
+            true
+        } else if share <= 0.05 {
+            background += 1;
+            false
+        } else {
+            continue;
+        };
+        if r.is_tissue() == truth {
+            agree += 1;
+        }
+    }
+    let clear = tissue + background;
+    eprintln!("tiles {}: tissue {tissue}, background {background}, agree {agree}", tiles.len());
+    assert!(tissue >= 10 && background >= 10, "the slide has both: tissue {tissue}, background {background}");
+    assert!(agree as f32 >= 0.95 * clear as f32, "agree on {agree} of {clear}");
+}
