@@ -427,3 +427,32 @@ pub fn train(t: &EcgTraining) -> Result<Trained, ModelError> {
     let after = Metrics::of(&mlp.predict(&xte)?, &yte, Rhythm::ALL.len());
     Ok(Trained { model: EcgModel { mlp }, before, after })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let m = EcgModel::shipped().unwrap();
+        assert!(m.read_lead(&[0.0; 100], 250.0).is_err(), "too short");
+        assert!(m.read_lead(&[0.0; 5000], f64::NAN).is_err(), "no rate");
+        assert!(m.read_lead(&[0.0; 5000], 1.0e9).is_err(), "absurd rate");
+        assert!(m.read(&crate::readers::Ecg { sample_rate_hz: 500.0, leads: vec![] }).is_err());
+        // A flat line and a line of NaN are read (no beats), not a crash.
+        let flat = m.read_lead(&[0.0; 2500], 250.0).unwrap();
+        assert_eq!(flat.windows[0].beats, 0);
+        let nan = m.read_lead(&[f32::NAN; 2500], 250.0).unwrap();
+        assert!(nan.probs.iter().all(|p| p.is_finite()));
+    }
+
+    #[test]
+    fn a_record_is_read_in_ten_second_windows_with_a_short_tail_folded_in() {
+        let m = EcgModel::shipped().unwrap();
+        let mut rng = synth::rng_for(3, 3);
+        let rec = synth::ecg(&mut rng, Rhythm::NormalSinus, 34.0, 250.0);
+        let read = m.read_lead(&rec.millivolts, 250.0).unwrap();
+        assert_eq!(read.windows.len(), 3);
+        assert_eq!(read.windows_per_class.iter().sum::<usize>(), 3);
+    }
+}

@@ -92,3 +92,59 @@ pub fn version_of(kind: ModelKind, weights: &[u8]) -> String {
     let h = Sha256::digest(weights);
     format!("{}-mlp-1+{}", kind.name(), hex::encode(&h[..6]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ecg::{Split, split_of};
+    use super::*;
+
+    /// Held-out (test-split) examples `0..n` of a model's data set.
+    fn held_out<T>(n: usize, example: impl Fn(u64) -> T) -> Vec<T> {
+        (0u64..).filter(|i| split_of(*i) == Split::Test).take(n).map(example).collect()
+    }
+
+    #[test]
+    fn shipped_ecg_weights_load_and_score_held_out_records_as_the_card_says() {
+        let model = ecg::EcgModel::shipped().unwrap();
+        let (x, y): (Vec<_>, Vec<_>) = held_out(40, |i| ecg::example(1, i)).into_iter().unzip();
+        let m = mlp::Metrics::of(&model.mlp.predict(&x).unwrap(), &y, 5);
+        // The card: accuracy 0.975 on all 432 test records.
+        assert!(m.accuracy >= 0.9, "{m:?}");
+    }
+
+    #[test]
+    fn shipped_imaging_and_pathology_weights_load_and_score_held_out_examples() {
+        let img = imaging::ImagingModel::shipped().unwrap();
+        let ex = held_out(60, |i| imaging::example(1, i));
+        let x: Vec<_> = ex.iter().map(|e| e.0.clone()).collect();
+        let kinds: Vec<u32> = ex.iter().map(|e| e.1).collect();
+        let m = mlp::Metrics::of(&img.kind.predict(&x).unwrap(), &kinds, imaging::KINDS.len());
+        assert!(m.accuracy >= 0.95, "{m:?}");
+        let path = pathology::PathologyModel::shipped().unwrap();
+        let ex = held_out(60, |i| pathology::example(1, i));
+        let x: Vec<_> = ex.iter().map(|e| e.0.clone()).collect();
+        let tissue: Vec<u32> = ex.iter().map(|e| e.1).collect();
+        let m = mlp::Metrics::of(&path.tissue.predict(&x).unwrap(), &tissue, 2);
+        assert!(m.accuracy >= 0.95, "{m:?}");
+    }
+
+    #[test]
+    fn version_names_the_exact_weights() {
+        assert!(version_of(ModelKind::Ecg, ecg::WEIGHTS).starts_with("ecg-mlp-1+"));
+        assert_ne!(version_of(ModelKind::Ecg, b"a"), version_of(ModelKind::Ecg, b"b"));
+    }
+
+    /// Retrains every model with the shipped seed and checks the bytes are the
+    /// shipped ones. Minutes of CPU in a debug build, so run on demand:
+    /// `cargo test -p node --release --lib retraining -- --ignored`.
+    #[test]
+    #[ignore = "retrains all three models (minutes); run with --ignored, preferably --release"]
+    fn retraining_with_the_shipped_seed_reproduces_the_shipped_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in ModelKind::ALL {
+            cli::train(kind, dir.path(), 1).unwrap();
+            let bytes = std::fs::read(dir.path().join(kind.file_name())).unwrap();
+            assert!(bytes == kind.shipped_weights(), "{} weights differ from the shipped ones", kind.name());
+        }
+    }
+}

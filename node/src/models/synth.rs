@@ -225,3 +225,32 @@ pub fn gauss(rng: &mut ChaCha8Rng) -> f64 {
     let u2: f64 = rng.random_range(0.0..1.0);
     (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generator_hits_its_rate_and_pvc_records_carry_premature_beats() {
+        let mut rng = rng_for(5, 0);
+        let rec = ecg(&mut rng, Rhythm::Bradycardia, 10.0, 360.0);
+        assert_eq!(rec.millivolts.len(), 3600);
+        assert!(rec.target_bpm < 60.0);
+        let f = crate::models::ecg::features(&rec.millivolts, 360.0);
+        let bpm = f.values[0] * 100.0;
+        assert!((bpm as f64 - rec.target_bpm).abs() < 8.0, "{bpm} vs {}", rec.target_bpm);
+        let mut rng = rng_for(5, 1);
+        let pvc = ecg(&mut rng, Rhythm::Ectopic, 10.0, 250.0);
+        let f = crate::models::ecg::features(&pvc.millivolts, 250.0);
+        assert!(f.values[5] > 0.0, "premature beats with a pause: {:?}", f.values);
+    }
+
+    #[test]
+    fn same_seed_and_index_give_the_same_record() {
+        let a = ecg(&mut rng_for(9, 3), Rhythm::AtrialFibrillation, 5.0, 500.0);
+        let b = ecg(&mut rng_for(9, 3), Rhythm::AtrialFibrillation, 5.0, 500.0);
+        assert_eq!(a.millivolts, b.millivolts);
+        let c = ecg(&mut rng_for(9, 4), Rhythm::AtrialFibrillation, 5.0, 500.0);
+        assert_ne!(a.millivolts, c.millivolts);
+    }
+}
