@@ -37,6 +37,10 @@ pub struct Ecg {
 
 /// Highest sampling rate accepted from a file or asked of [`Ecg::resample`].
 pub const SAMPLE_RATE_HZ_MAX: f32 = 100_000.0;
+/// Lowest sampling rate the readers accept for an ECG: slower signals (trend
+/// data, minute-by-minute vitals) are not waveforms a model can read, and a
+/// bound here bounds what resampling can allocate.
+pub const ECG_SAMPLE_RATE_HZ_MIN: f32 = 50.0;
 
 impl Ecg {
     /// Number of samples per lead (0 for an ECG without leads).
@@ -69,10 +73,15 @@ impl Ecg {
     /// kernel weights keeps DC gain at exactly 1, also at the record's edges,
     /// where the kernel is cut short.
     ///
-    /// The output has `round(duration · hz)` samples per lead. Cost is
-    /// `O(output samples × kernel width)`; the kernel is ≈ 45 input samples
-    /// wide when upsampling and widens in proportion to the ratio when
-    /// downsampling (1000 → 100 Hz: ≈ 445).
+    /// The kernel is tabulated once (512 points per input sample, linearly
+    /// interpolated) and each output time's weights serve every lead.
+    ///
+    /// The output has `round(duration · hz)` samples per lead (at most
+    /// `hz / ECG_SAMPLE_RATE_HZ_MIN` times the input, since readers refuse
+    /// rates below [`ECG_SAMPLE_RATE_HZ_MIN`]). Cost is `O(output samples ×
+    /// kernel width × leads)`; the kernel is ≈ 45 input samples wide when
+    /// upsampling and widens in proportion to the ratio when downsampling
+    /// (1000 → 100 Hz: ≈ 445).
     ///
     /// # Panics
     /// If `hz` is not finite, not positive or above [`SAMPLE_RATE_HZ_MAX`]:
@@ -85,69 +94,99 @@ impl Ecg {
         let n_in = self.samples_per_lead();
         let n_out = (n_in as f64 * f64::from(hz) / f64::from(self.sample_rate_hz)).round() as usize;
         let kernel = SincKernel::new(f64::from(self.sample_rate_hz), f64::from(hz));
+        let inputs: Vec<&[f32]> = self.leads.iter().map(|l| l.millivolts.as_slice()).collect();
+        let outputs = kernel.resample(&inputs, n_out);
         let leads = self
             .leads
             .iter()
-            .map(|lead| Lead { name: lead.name.clone(), millivolts: kernel.resample(&lead.millivolts, n_out) })
+            .zip(outputs)
+            .map(|(lead, millivolts)| Lead { name: lead.name.clone(), millivolts })
             .collect();
         Ecg { sample_rate_hz: hz, leads }
     }
 }
 
-/// Windowed-sinc kernel for one rate conversion (see [`Ecg::resample`]).
+/// Windowed-sinc kernel for one rate conversion (see [`Ecg::resample`]),
+/// tabulated once and linearly interpolated.
 struct SincKernel {
     /// Input samples per output sample.
     step: f64,
-    /// Cutoff, cycles per input sample.
-    fc: f64,
     /// Half the kernel width, in input samples.
     half_width: f64,
+    /// Table entries per input sample.
+    per_sample: f64,
+    /// The kernel at `d = j / per_sample`, `j = 0..` (it is symmetric).
+    table: Vec<f32>,
 }
 
 impl SincKernel {
     const ZERO_CROSSINGS: f64 = 10.0;
     const KAISER_BETA: f64 = 8.0;
+    /// Table resolution: 512 entries per input sample, fewer for very wide
+    /// kernels so the table stays under 64 Ki entries.
+    const TABLE_PER_SAMPLE_MAX: f64 = 512.0;
+    const TABLE_LEN_MAX: f64 = 65_536.0;
 
     fn new(fs_in: f64, fs_out: f64) -> SincKernel {
         let fc = 0.45 * fs_in.min(fs_out) / fs_in;
-        SincKernel { step: fs_in / fs_out, fc, half_width: Self::ZERO_CROSSINGS / (2.0 * fc) }
-    }
-
-    fn weight(&self, d: f64) -> f64 {
-        let r = d / self.half_width;
-        if r.abs() >= 1.0 {
-            return 0.0;
-        }
-        let x = 2.0 * self.fc * d;
-        let sinc = if x.abs() < 1e-12 { 1.0 } else { (std::f64::consts::PI * x).sin() / (std::f64::consts::PI * x) };
-        sinc * bessel_i0(Self::KAISER_BETA * (1.0 - r * r).sqrt()) / bessel_i0(Self::KAISER_BETA)
-    }
-
-    fn resample(&self, x: &[f32], n_out: usize) -> Vec<f32> {
-        if x.is_empty() {
-            return vec![0.0; n_out];
-        }
-        let last = (x.len() - 1) as f64;
-        (0..n_out)
-            .map(|n| {
-                let t = n as f64 * self.step;
-                let lo = (t - self.half_width).ceil().max(0.0) as usize;
-                let hi = (t + self.half_width).floor().min(last) as usize;
-                let (mut acc, mut norm) = (0.0f64, 0.0f64);
-                for (k, &v) in x.iter().enumerate().take(hi + 1).skip(lo) {
-                    let w = self.weight(t - k as f64);
-                    acc += w * f64::from(v);
-                    norm += w;
+        let half_width = Self::ZERO_CROSSINGS / (2.0 * fc);
+        let per_sample = (Self::TABLE_LEN_MAX / half_width).min(Self::TABLE_PER_SAMPLE_MAX);
+        let len = (half_width * per_sample).ceil() as usize + 2;
+        let i0_beta = bessel_i0(Self::KAISER_BETA);
+        let table = (0..len)
+            .map(|j| {
+                let d = j as f64 / per_sample;
+                let r = d / half_width;
+                if r >= 1.0 {
+                    return 0.0;
                 }
-                if norm.abs() > 1e-9 {
-                    (acc / norm) as f32
+                let x = std::f64::consts::PI * 2.0 * fc * d;
+                let sinc = if x < 1e-12 { 1.0 } else { x.sin() / x };
+                (sinc * bessel_i0(Self::KAISER_BETA * (1.0 - r * r).sqrt()) / i0_beta) as f32
+            })
+            .collect();
+        SincKernel { step: fs_in / fs_out, half_width, per_sample, table }
+    }
+
+    fn weight(&self, d: f64) -> f32 {
+        let p = d.abs() * self.per_sample;
+        let j = p as usize;
+        match (self.table.get(j), self.table.get(j + 1)) {
+            (Some(&a), Some(&b)) => a + (b - a) * (p - j as f64) as f32,
+            _ => 0.0,
+        }
+    }
+
+    /// Resamples every input (all of one length) to `n_out` samples; the
+    /// weights for each output time are computed once for all inputs.
+    fn resample(&self, inputs: &[&[f32]], n_out: usize) -> Vec<Vec<f32>> {
+        let n_in = inputs.first().map_or(0, |x| x.len());
+        if n_in == 0 {
+            return inputs.iter().map(|_| vec![0.0; n_out]).collect();
+        }
+        let last = (n_in - 1) as f64;
+        let mut outputs: Vec<Vec<f32>> = inputs.iter().map(|_| Vec::with_capacity(n_out)).collect();
+        let mut weights = Vec::new();
+        for n in 0..n_out {
+            let t = n as f64 * self.step;
+            let lo = (t - self.half_width).ceil().max(0.0) as usize;
+            let hi = (t + self.half_width).floor().min(last);
+            weights.clear();
+            if hi >= lo as f64 {
+                weights.extend((lo..=hi as usize).map(|k| self.weight(t - k as f64)));
+            }
+            let norm: f32 = weights.iter().sum();
+            for (x, out) in inputs.iter().zip(&mut outputs) {
+                out.push(if norm.abs() > 1e-6 {
+                    x[lo..lo + weights.len()].iter().zip(&weights).map(|(v, w)| v * w).sum::<f32>() / norm
                 } else {
                     // Past the last input sample by more than the kernel reaches
                     // (only possible from rounding at the very end): hold.
-                    x[(t.round() as usize).min(x.len() - 1)]
-                }
-            })
-            .collect()
+                    x[(t.round() as usize).min(n_in - 1)]
+                });
+            }
+        }
+        outputs
     }
 }
 
@@ -232,6 +271,12 @@ fn read_multiplex_group(g: &InMemDicomObject) -> Result<Ecg, ReadError> {
     }
     if !(fs > 0.0 && fs <= f64::from(SAMPLE_RATE_HZ_MAX)) {
         return Err(ReadError::malformed(FORMAT, format!("sampling frequency {fs} Hz")));
+    }
+    if fs < f64::from(ECG_SAMPLE_RATE_HZ_MIN) {
+        return Err(ReadError::unsupported(
+            FORMAT,
+            format!("sampling frequency {fs} Hz (below {ECG_SAMPLE_RATE_HZ_MIN} Hz is not an ECG waveform)"),
+        ));
     }
     let (channels, samples) = (channels as usize, samples as usize);
     let bits = required_number(g, tags::WAVEFORM_BITS_ALLOCATED, "Waveform Bits Allocated")?;
@@ -453,6 +498,32 @@ mod tests {
         let x = &r.leads[0].millivolts;
         let peak = x[125..x.len() - 125].iter().fold(0.0f32, |m, v| m.max(v.abs()));
         assert!(peak < 0.01, "residual {peak}");
+    }
+
+    #[test]
+    fn resampling_the_real_12_lead_ecg_to_500_hz_keeps_its_shape() {
+        let ecg = read_dicom_ecg(&testdata("waveform_ecg.dcm")).unwrap();
+        let r = ecg.resample(500.0);
+        assert_eq!((r.sample_rate_hz, r.samples_per_lead(), r.leads.len()), (500.0, 5000, 12));
+        for (a, b) in ecg.leads.iter().zip(&r.leads) {
+            assert_eq!(a.name, b.name);
+            // Output sample n is input time 2n; the ECG's content lies far below
+            // the 225 Hz cutoff, so the two agree closely (away from the edges).
+            let err = (50..4950).map(|n| (b.millivolts[n] - a.millivolts[2 * n]).abs()).fold(0.0, f32::max);
+            assert!(err < 0.05, "{}: max deviation {err} mV", a.name);
+        }
+    }
+
+    #[test]
+    fn an_ecg_sampled_below_50_hz_is_refused() {
+        // Patch Sampling Frequency (003A,001A), a DS "1000", to "10  ".
+        let mut bytes = testdata("waveform_ecg.dcm");
+        let tag = [0x3A, 0x00, 0x1A, 0x00, b'D', b'S', 4, 0];
+        let at = bytes.windows(8).position(|w| w == tag).expect("sampling frequency tag") + 8;
+        assert_eq!(&bytes[at..at + 4], b"1000");
+        bytes[at..at + 4].copy_from_slice(b"10  ");
+        let err = read_dicom_ecg(&bytes).unwrap_err().to_string();
+        assert!(err.contains("10 Hz (below 50 Hz"), "{err}");
     }
 
     #[test]

@@ -117,7 +117,9 @@ pub fn parse_wfdb_header(text: &str) -> Result<WfdbHeader, ReadError> {
     let samples_per_signal = match f.next() {
         None => None,
         Some(n) => {
+            // 0 means "not given", as in the WFDB library.
             Some(n.parse::<u64>().map_err(|_| ReadError::malformed(HEADER, format!("bad number of samples {n:?}")))?)
+                .filter(|&n| n > 0)
         }
     };
     let signal_lines = &lines[1..];
@@ -285,6 +287,16 @@ pub fn decode_wfdb(header: &WfdbHeader, files: &HashMap<String, Vec<u8>>) -> Res
         for (k, &m) in members.iter().enumerate() {
             raw[m] = std::mem::take(&mut out[k]);
         }
+    }
+    if header.sample_rate_hz < super::ecg::ECG_SAMPLE_RATE_HZ_MIN {
+        return Err(ReadError::unsupported(
+            HEADER,
+            format!(
+                "sampling frequency {} Hz (below {} Hz is not an ECG waveform)",
+                header.sample_rate_hz,
+                super::ecg::ECG_SAMPLE_RATE_HZ_MIN
+            ),
+        ));
     }
     let mut leads = Vec::new();
     for (i, (s, samples)) in header.signals.iter().zip(raw).enumerate() {
@@ -656,6 +668,11 @@ mod tests {
             let err = parse_wfdb_header(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text:?}: {err}");
         }
+        // 0 samples means "not given".
+        assert_eq!(parse_wfdb_header("r 1 360 0\nr.dat 16 200\n").unwrap().samples_per_signal, None);
+        let slow = parse_wfdb_header("r 1 1\nr.dat 16 200\n").unwrap();
+        let err = decode_wfdb(&slow, &HashMap::from([("r.dat".to_string(), vec![0; 12])])).unwrap_err().to_string();
+        assert!(err.contains("below 50 Hz"), "{err}");
         let h = parse_wfdb_header("r 1 360\nr.dat 310 200\n").unwrap();
         let err = decode_wfdb(&h, &HashMap::from([("r.dat".to_string(), vec![0; 12])])).unwrap_err().to_string();
         assert!(err.contains("format 310"), "{err}");
