@@ -41,16 +41,19 @@ pub fn image_input(img: &DicomImage) -> Result<(GrayImage, Header), String> {
     Ok((GrayImage { width: dw, height: dh, pixels }, header))
 }
 
+/// A tile's (column, row) in its level's grid.
+pub type TileIndex = (u32, u32);
+
 /// Tiles of a slide: the level whose tile grid is closest to (not above)
 /// [`TILES_MAX`] tiles, each tile reduced to [`TILE_SIDE`]², with its (x, y) index.
-pub fn slide_tiles(slide: &mut Slide) -> Result<Vec<((u32, u32), RgbTile)>, String> {
+pub fn slide_tiles(slide: &mut Slide) -> Result<Vec<(TileIndex, RgbTile)>, String> {
     let levels = slide.levels().to_vec();
     let level = levels
         .iter()
         .enumerate()
         .filter(|(_, l)| (l.tiles_across as usize) * (l.tiles_down as usize) <= TILES_MAX)
         .max_by_key(|(_, l)| l.tiles_across * l.tiles_down)
-        .or_else(|| levels.iter().enumerate().last())
+        .or_else(|| levels.iter().enumerate().next_back())
         .map(|(i, _)| i)
         .ok_or("the slide has no tiled level")?;
     let l = &levels[level];
