@@ -374,6 +374,15 @@ pub struct ModalityCapacity {
     pub queue_len: u32,
     /// Expected time until a newly queued case of this modality is read.
     pub eta_ms: u64,
+    /// How fast the local models for these tasks read, in cases per hour on this
+    /// node's hardware (measured at start-up; 0 when no model covers them). Added
+    /// after version 1 shipped: absent from older adverts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub model_cases_per_hour: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A signed statement of a node's capacity, valid until `valid_until`.

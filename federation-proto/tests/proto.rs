@@ -237,6 +237,7 @@ fn advert() -> CapacityAdvert {
                 experts_on_duty: 2,
                 queue_len: 5,
                 eta_ms: 15 * MINUTE_MS,
+                model_cases_per_hour: 0,
             },
             ModalityCapacity {
                 modality: Modality::Imaging,
@@ -244,6 +245,7 @@ fn advert() -> CapacityAdvert {
                 experts_on_duty: 1,
                 queue_len: 12,
                 eta_ms: 90 * MINUTE_MS,
+                model_cases_per_hour: 0,
             },
             ModalityCapacity {
                 modality: Modality::Pathology,
@@ -251,6 +253,7 @@ fn advert() -> CapacityAdvert {
                 experts_on_duty: 3,
                 queue_len: 1,
                 eta_ms: 240 * MINUTE_MS,
+                model_cases_per_hour: 0,
             },
         ],
     }
@@ -878,6 +881,7 @@ fn arb_modality_capacity() -> BoxedStrategy<ModalityCapacity> {
             experts_on_duty,
             queue_len,
             eta_ms,
+            model_cases_per_hour: eta_ms as u32 % 7,
         })
         .boxed()
 }

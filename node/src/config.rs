@@ -113,8 +113,23 @@ pub struct FhirConfig {
     pub token_file: PathBuf,
 }
 
+/// A local AI model this node runs (`[[models]]`; needs the `models` feature).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `ecg`, `imaging` or `pathology`.
+    pub kind: String,
+    /// Minimum calibrated confidence for a machine report, `[stat, urgent, routine]`
+    /// (above 1.0: never alone). Defaults per model (see docs/models/).
+    #[serde(default)]
+    pub thresholds: Option<[f32; 3]>,
+    /// A safetensors file to load instead of the weights built into the binary.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+}
+
 /// Everything in `node.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub name: String,
@@ -145,6 +160,9 @@ pub struct Config {
     /// A watched inbox folder (optional).
     #[serde(default)]
     pub inbox: Option<InboxConfig>,
+    /// Local AI models (optional).
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
     /// PostgreSQL instead of the embedded SQLite file (optional, hubs).
     #[serde(default)]
     pub store: Option<StoreConfig>,
@@ -259,6 +277,11 @@ impl Config {
         if let Some(fhir) = &mut self.fhir {
             fix(&mut fhir.token_file);
         }
+        for m in &mut self.models {
+            if let Some(w) = &mut m.weights {
+                fix(w);
+            }
+        }
     }
 
     /// Checks what the types cannot: parents above this tier, sane numbers.
@@ -290,6 +313,28 @@ impl Config {
         for e in &self.experts {
             if e.on_duty > 0 && e.service_min == 0 {
                 return Err(ConfigError::Invalid(format!("experts for {}: service_min must be > 0", e.modality)));
+            }
+        }
+        for m in &self.models {
+            if !["ecg", "imaging", "pathology"].contains(&m.kind.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "model kind `{}`: expected ecg, imaging or pathology",
+                    m.kind
+                )));
+            }
+            if self.models.iter().filter(|o| o.kind == m.kind).count() > 1 {
+                return Err(ConfigError::Invalid(format!("model `{}` is listed twice", m.kind)));
+            }
+            if let Some(t) = m.thresholds
+                && t.iter().any(|v| !(v.is_finite() && *v > 0.0))
+            {
+                return Err(ConfigError::Invalid(format!("model `{}`: thresholds must be positive", m.kind)));
+            }
+            if !cfg!(feature = "models") {
+                return Err(ConfigError::Invalid(format!(
+                    "model `{}` is configured but this build has no model runtime (built without the `models` feature)",
+                    m.kind
+                )));
             }
         }
         Ok(())

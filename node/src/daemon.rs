@@ -204,6 +204,11 @@ enum Input {
         kind: String,
         detail: String,
     },
+    /// A local model finished reading a case (see `triage`).
+    ModelDone {
+        case_id: CaseId,
+        outcome: Result<tiers::ModelOutcome, String>,
+    },
     Shutdown,
     Control(Box<crate::control_plane::FromControl>),
     AdvertTick,
@@ -405,6 +410,8 @@ struct Core {
     upload_pacer: Option<Arc<transfer::Pacer>>,
     trust: Arc<TrustStore>,
     control: Option<control_glue::ControlGlue>,
+    /// Local AI models (answers `Output::RunModel`).
+    models: crate::triage::ModelHost,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -459,6 +466,12 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     node_config.seed = rand::random();
     node_config.privacy = tiers::PrivacyPolicy { identifiers_up_to: config.privacy.identifiers_up_to };
     let deid = Arc::new(crate::deid::Deidentifier::from_node_key(&signing_key));
+    let model_configs = config.models.clone();
+    let models = tokio::task::spawn_blocking(move || crate::triage::ModelHost::load(&model_configs))
+        .await
+        .map_err(|e| DaemonError::Config(format!("loading models: {e}")))?
+        .map_err(DaemonError::Config)?;
+    node_config.models = models.specs();
     let records = store.load().await?;
     let restored = records.len();
     let control_key = signing_key.clone();
@@ -623,6 +636,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         upload_pacer: config.rate_limit_bytes_per_s.map(|r| Arc::new(transfer::Pacer::new(r))),
         trust: trust.clone(),
         control,
+        models,
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -971,6 +985,14 @@ impl Core {
                 }
                 let _ = self.ui_events.send(UiEvent { kind, case_id: None });
             }
+            Input::ModelDone { case_id, outcome } => {
+                if let Err(e) = &outcome {
+                    tracing::warn!(%case_id, "model read failed, the case goes on without it: {e}");
+                }
+                if let Err(e) = self.core.handle_model_result(t, case_id, outcome) {
+                    tracing::debug!(%case_id, "model result not applied: {e}");
+                }
+            }
             Input::Shutdown => {}
             Input::Control(event) => self.on_control(t, *event).await,
             Input::AdvertTick => self.publish_advert(t),
@@ -1133,9 +1155,16 @@ impl Core {
                 }
                 Output::Send { to, message } => self.send(to, message),
                 Output::RunModel { case_id, model } => {
-                    // No model runtime in this build yet: the core carries on without one.
-                    let _ =
-                        self.core.handle_model_result(now(), case_id, Err(format!("model {model} is not installed")));
+                    // Off the runtime, bounded (see `triage`); the answer comes back as an input.
+                    let files = self.core.case(&case_id).map_or_else(Vec::new, |c| {
+                        c.info.attachments.iter().map(|a| self.blobs.path_of(&a.hash)).collect()
+                    });
+                    let tx = self.tx.clone();
+                    self.models.run(case_id, &model, files, move |case_id, outcome| {
+                        tokio::spawn(async move {
+                            let _ = tx.send(Input::ModelDone { case_id, outcome }).await;
+                        });
+                    });
                 }
                 Output::FetchAttachments { case_id, from, attachments } => self.fetch(case_id, from, attachments),
                 Output::Notify(event) => self.notify(event).await,

@@ -294,6 +294,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             privacy: Default::default(),
             fhir: None,
             control: Some(crate::control_plane::ControlConfig::loopback()),
+            models: Vec::new(),
         });
     }
     Ok(configs)

@@ -16,9 +16,12 @@ pub mod demo;
 pub mod fhir;
 pub mod ingest;
 pub mod loadgen;
+#[cfg(feature = "models")]
+pub mod models;
 pub mod readers;
 pub mod store;
 pub mod transfer;
 pub mod transport;
+pub mod triage;
 pub mod view;
 pub mod web;

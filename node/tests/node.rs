@@ -482,6 +482,9 @@ mod web;
 
 #[path = "node/control_plane.rs"]
 mod control_plane;
+#[cfg(feature = "models")]
+#[path = "node/models.rs"]
+mod models;
 
 mod federation_processes {
     use federation_proto::{Modality, Tier};

@@ -107,7 +107,8 @@ pub struct NewCase {
 pub struct ModelOutcome {
     pub model: String,
     pub version: String,
-    /// Labels with calibrated confidences, most likely first.
+    /// Labels with calibrated confidences. The first is the reading whose
+    /// confidence is compared with the urgency's threshold; the rest are details.
     pub labels: Vec<Label>,
 }
 
@@ -595,7 +596,9 @@ impl Node {
             self.decide(now, case_id);
             return Ok(());
         };
-        let confidence = outcome.labels.iter().map(|l| l.confidence).fold(0.0f32, f32::max);
+        // The first label is the model's reading; later ones are details (other
+        // classes, a quality flag) and never make a read decisive.
+        let confidence = outcome.labels.first().map_or(0.0, |l| l.confidence);
         let threshold = spec.threshold(case.info.urgency);
         let decisive = confidence.is_finite() && confidence >= threshold;
         let reader = Reader::Model { model: outcome.model.clone(), version: outcome.version.clone() };
@@ -795,6 +798,13 @@ impl Node {
                     experts_on_duty: pool.map_or(0, |p| p.on_duty),
                     queue_len: queue_len as u32,
                     eta_ms: pool.and_then(|p| p.eta_ms(queue_len)).unwrap_or(u64::MAX),
+                    model_cases_per_hour: self
+                        .config
+                        .models
+                        .iter()
+                        .filter(|m| m.modality == modality)
+                        .map(|m| m.cases_per_hour)
+                        .fold(0u32, u32::saturating_add),
                 }
             })
             .collect()

@@ -685,3 +685,56 @@ fn direct_identifiers_stay_at_the_origin_by_default_and_up_to_a_configured_bound
     // International never, whatever the policy says.
     assert_eq!(held(Some(Tier::International)), ["village", "township", "county", "city", "provincial", "national"]);
 }
+
+#[test]
+fn only_the_first_label_of_a_model_read_decides_and_details_never_resolve_a_case() {
+    // A model answers "chest X-ray, 0.62" with a confident quality detail after it:
+    // the detail's 0.99 must not make the read decisive.
+    let mut h = Harness::seven_tier_chain(11);
+    h.configure("village", |c| c.models = vec![ecg_model(0.95)]);
+    // A slow scripted model keeps the case waiting for the read we hand in below.
+    h.node_mut("village")
+        .models
+        .insert("ecg-rhythm".into(), ModelScript { label: "late".into(), confidence: 1.0, run_ms: 60 * MIN });
+    experts_everywhere(&mut h, "township", Modality::Ecg);
+    let case = h.submit("village", Modality::Ecg, Urgency::Stat, "palpitations");
+    h.run_for(1_000);
+    assert!(matches!(h.case_at("village", case).unwrap().status, CaseStatus::AwaitingModel { .. }));
+    let now = h.now;
+    let outcome = tiers::ModelOutcome {
+        model: "ecg-rhythm".into(),
+        version: "1.0.0".into(),
+        labels: vec![
+            federation_proto::Label { label: "atrial_fibrillation".into(), confidence: 0.62 },
+            federation_proto::Label { label: "signal_quality_adequate".into(), confidence: 0.99 },
+        ],
+    };
+    h.node_mut("village").core.as_mut().unwrap().handle_model_result(now, case, Ok(outcome)).unwrap();
+    h.run_for(10 * MIN);
+
+    let trail = hops(&h, "township", case);
+    assert!(matches!(
+        &trail[0].reason,
+        EscalationReason::ModelNotConfident { confidence, .. } if (*confidence - 0.62).abs() < 1e-6
+    ));
+    let finding = h.case_at("township", case).unwrap().findings[0]
+        .open::<federation_proto::Finding>(content_type::FINDING)
+        .unwrap()
+        .body;
+    assert_eq!(finding.labels.len(), 2, "the finding carries every label, details included");
+    assert!(!report_at(&h, "village", case).machine_made);
+    assert_invariants(&h);
+}
+
+#[test]
+fn capacity_advert_states_model_tasks_and_measured_speed() {
+    let mut h = Harness::seven_tier_chain(12);
+    h.configure("village", |c| c.models = vec![ecg_model(0.95)]);
+    let advert = h.node_mut("village").core.as_ref().unwrap().capacity_advert(Millis(1)).unwrap();
+    let advert = advert.open::<federation_proto::CapacityAdvert>(content_type::ADVERT).unwrap().body;
+    let ecg = advert.capacity.iter().find(|c| c.modality == Modality::Ecg).unwrap();
+    assert_eq!(ecg.model_tasks, ["ecg.rhythm"]);
+    assert_eq!(ecg.model_cases_per_hour, 600, "the model spec's measured speed");
+    let imaging = advert.capacity.iter().find(|c| c.modality == Modality::Imaging).unwrap();
+    assert_eq!(imaging.model_cases_per_hour, 0);
+}

@@ -128,6 +128,41 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Local AI models: train them reproducibly, or measure their speed.
+    #[cfg(feature = "models")]
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// What this build's local models read in a file (label, confidence, version,
+    /// and whether it would resolve a case at each urgency's threshold).
+    #[cfg(feature = "models")]
+    Classify {
+        /// Thresholds from this node's `[[models]]` (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        file: PathBuf,
+    },
+}
+
+#[cfg(feature = "models")]
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Train a model from its seeded synthetic data and write its safetensors file
+    /// (the shipped weights are exactly what `--seed 1` writes).
+    Train {
+        /// ecg, imaging or pathology.
+        kind: node::models::ModelKind,
+        #[arg(long, default_value = "node/models")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Measure inference time of the shipped models on this machine.
+    Bench {
+        #[arg(long, default_value_t = 200)]
+        iterations: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -365,6 +400,20 @@ async fn main() -> anyhow::Result<()> {
             let (key, csr) = certs::enrol::write_key_and_csr(&out, &name.as_str().into(), tier)?;
             println!("wrote {} (private, 0600) and {}", key.display(), csr.display());
             println!("send {} to your CA: telemed-ca sign --csr {} --tier {tier} ...", csr.display(), csr.display());
+        }
+        #[cfg(feature = "models")]
+        Command::Models { command } => match command {
+            ModelsCommand::Train { kind, out, seed } => {
+                print!("{}", node::models::cli::train(kind, &out, seed).map_err(anyhow::Error::msg)?)
+            }
+            ModelsCommand::Bench { iterations } => {
+                print!("{}", node::models::cli::bench(iterations).map_err(anyhow::Error::msg)?)
+            }
+        },
+        #[cfg(feature = "models")]
+        Command::Classify { config, file } => {
+            let config = config.map(|c| Config::load(&c)).transpose()?;
+            print!("{}", node::models::cli::classify(&file, config.as_ref()).map_err(anyhow::Error::msg)?)
         }
     }
     Ok(())

@@ -706,7 +706,16 @@ async fn submit(State(app): State<AppState>, headers: HeaderMap, mut multipart: 
     if patient.is_empty() || patient.len() > 128 {
         return refuse(StatusCode::UNPROCESSABLE_ENTITY, "Give the patient's reference at this clinic.");
     }
-    let req = SubmitRequest { files, study: None, modality, urgency, question, patient, task: None };
+    let req = SubmitRequest {
+        files,
+        study: None,
+        modality,
+        urgency,
+        question,
+        patient,
+        task: None,
+        details: Default::default(),
+    };
     match app.ctx.control.submit(req).await {
         Ok(Ok(id)) => Redirect::to(&format!("/case/{id}")).into_response(),
         Ok(Err(e)) => refuse(StatusCode::UNPROCESSABLE_ENTITY, &e),

@@ -344,6 +344,7 @@ async fn adverts_from_a_peer_not_admitted_or_with_a_bad_signature_are_ignored_an
             experts_on_duty: 9,
             queue_len: 0,
             eta_ms: 1,
+            model_cases_per_hour: 0,
         }],
     };
     let known_everywhere = |name: &'static str| {

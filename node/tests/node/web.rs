@@ -92,6 +92,7 @@ pub fn ecg_request(urgency: Urgency, question: &str) -> SubmitRequest {
         question: question.into(),
         patient: "p-0042".into(),
         task: None,
+        details: Default::default(),
     }
 }
 
@@ -495,11 +496,14 @@ async fn clinic_upload_submits_a_case_and_refuses_forged_or_oversize_uploads() {
     assert_eq!(snap.len(), 1);
     let case = &snap[0];
     assert_eq!(a.location(), format!("/case/{}", case.view.case_id));
-    assert_eq!(
-        (case.view.question.as_str(), case.view.urgency.as_str(), case.view.patient.as_str()),
-        ("syncope, QT?", "urgent", "p-77")
-    );
-    assert_eq!(case.view.attachments[0].1, ecg.len() as u64);
+    assert_eq!((case.view.question.as_str(), case.view.urgency.as_str()), ("syncope, QT?", "urgent"));
+    // The case travels under a pseudonym; the clinic (the origin) keeps the patient ID.
+    let identity = case.view.identity.as_ref().expect("the origin holds the patient's identity");
+    assert_eq!(identity.patient_id, "p-77");
+    assert_eq!(case.view.patient, identity.pseudonym);
+    assert_ne!(case.view.patient, "p-77", "the patient ID never travels as the case's patient");
+    // The upload is stored de-identified (ADR 0005): a DICOM file of about the same size.
+    assert!(case.view.attachments[0].1 > 0 && case.view.attachments[0].1.abs_diff(ecg.len() as u64) < 4096);
     assert_eq!(case.view.attachments[0].2, "application/dicom");
     let page = http.get("/clinic").await;
     assert!(page.body.contains("syncope, QT?"));
