@@ -197,6 +197,11 @@ impl Deidentifier {
 
     /// Reads the DICOM file `src`, de-identifies it, and writes it to `dst`.
     pub fn deidentify_file(&self, src: &Path, dst: &Path) -> Result<DeidSummary, DeidError> {
+        // Structure first: the DICOM parser allocates whatever length an element
+        // declares, so a damaged file (or one with bytes appended) could make it
+        // allocate gigabytes. A file that cannot be parsed cannot be de-identified,
+        // so it is refused, never sent on as it is.
+        crate::ingest::check_structure(src).map_err(|e| DeidError::Unreadable(e.to_string()))?;
         let mut obj = dicom_object::open_file(src).map_err(|e| DeidError::Unreadable(e.to_string()))?;
         let mut summary = DeidSummary::default();
         self.clean(&mut obj, &mut summary, 0);
@@ -273,6 +278,27 @@ mod tests {
         let uid = a.uid("1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322");
         assert!(uid.starts_with("2.25.") && uid.len() <= 64, "{uid}");
         assert_eq!(uid, a.uid("1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322\0"));
+    }
+
+    #[test]
+    fn a_damaged_dicom_file_is_refused_before_the_parser_allocates_its_lengths() {
+        // Text appended to a real CT reads as an element declaring a 1.7 GB value;
+        // before the structure check the parser tried to allocate it (seen in the
+        // chaos suite). It must be refused at once, and nothing written.
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("damaged.dcm");
+        let mut bytes = std::fs::read(testdata("CT_small.dcm")).unwrap();
+        bytes.extend_from_slice(b"round 0 case 1");
+        std::fs::write(&src, bytes).unwrap();
+        let dst = dir.path().join("deid.dcm");
+        match key(1).deidentify_file(&src, &dst) {
+            // The structure walk names the overrun; the parser would not have got there.
+            Err(DeidError::Unreadable(why)) => {
+                assert!(why.contains("malformed DICOM") && why.contains("at byte"), "{why}")
+            }
+            other => panic!("a damaged file must be refused as unreadable, got {other:?}"),
+        }
+        assert!(!dst.exists(), "nothing written for a refused file");
     }
 
     #[test]

@@ -454,7 +454,7 @@ const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 /// values: every element, item and delimiter must fit, and the data set must
 /// end exactly at the end of the file. Catches truncated transfers anywhere,
 /// including inside pixel data, with constant memory.
-fn check_structure(path: &Path) -> Result<(), IngestError> {
+pub(crate) fn check_structure(path: &Path) -> Result<(), IngestError> {
     let file = File::open(path).map_err(IngestError::Unreadable)?;
     let len = file.metadata()?.len();
     walk_structure(BufReader::with_capacity(64 * 1024, file), len)

@@ -50,7 +50,11 @@ async fn federation_keeps_every_case_exactly_once_through_random_kill_9_and_rest
         for (k, file) in [&study, &ct].into_iter().enumerate() {
             let copy = tmp.path().join(format!("r{round}-{k}.dcm"));
             let mut bytes = std::fs::read(file).unwrap();
-            bytes.extend_from_slice(format!("round {round} case {k}").as_bytes());
+            if k == 0 {
+                // The opaque study is made distinct; the CT stays a well-formed DICOM
+                // file (the origin de-identifies it and refuses a damaged one).
+                bytes.extend_from_slice(format!("round {round} case {k}").as_bytes());
+            }
             std::fs::write(&copy, bytes).unwrap();
             let req = node::daemon::SubmitRequest {
                 files: vec![copy],
