@@ -48,16 +48,19 @@ async fn ecg_of(ctx: &WebContext, case: &CaseSnapshot, n: usize) -> Result<Strin
     .map_err(|e| e.to_string())?
 }
 
+/// The case a viewer request names, if the session may see it (any role, and only
+/// cases routed to this node, as `AppState::visible_case` decides).
+async fn viewable_case(app: &AppState, headers: &HeaderMap, id: &str) -> Result<CaseSnapshot, Response> {
+    let who = app.require(headers, &[Role::Expert, Role::Clinician, Role::Admin], Kind::Api)?;
+    app.visible_case(&who, id).await
+}
+
 pub async fn ecg_svg(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path((id, n)): Path<(String, usize)>,
 ) -> Response {
-    let who = match app.require(&headers, &[Role::Expert, Role::Clinician, Role::Admin], Kind::Api) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let case = match app.visible_case(&who, &id).await {
+    let case = match viewable_case(&app, &headers, &id).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -124,11 +127,7 @@ pub async fn image_png(
     Path((id, n)): Path<(String, usize)>,
     Query(q): Query<ImageQuery>,
 ) -> Response {
-    let who = match app.require(&headers, &[Role::Expert, Role::Clinician, Role::Admin], Kind::Api) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let case = match app.visible_case(&who, &id).await {
+    let case = match viewable_case(&app, &headers, &id).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -163,11 +162,7 @@ pub async fn slide_tile(
     headers: HeaderMap,
     Path((id, n, level, x, y)): Path<(String, usize, usize, u32, u32)>,
 ) -> Response {
-    let who = match app.require(&headers, &[Role::Expert, Role::Clinician, Role::Admin], Kind::Api) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let case = match app.visible_case(&who, &id).await {
+    let case = match viewable_case(&app, &headers, &id).await {
         Ok(c) => c,
         Err(r) => return r,
     };
