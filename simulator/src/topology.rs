@@ -6,6 +6,7 @@
 //! (`v0017.t0003.c012.ct05.henan.cn`). This module must never create cores or
 //! hold any decision: it only says who is linked to whom.
 
+use crate::fastmap::FastMap;
 use crate::scenario::{NodeRef, NodeSpec, Preset, ScenarioError, TopologySpec};
 use federation_proto::{NodeName, Tier};
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ pub struct Topology {
     pub neighbours: Vec<Vec<u32>>,
     /// Where cases are submitted: villages, or leaves of an explicit manifest.
     pub origins: Vec<u32>,
-    by_name: HashMap<NodeName, u32>,
+    by_name: FastMap<NodeName, u32>,
 }
 
 /// Node counts per tier for the presets at full size.
