@@ -551,6 +551,7 @@ async fn a_node_on_a_full_disk_refuses_new_work_loses_nothing_it_acknowledged_an
     let refused = submit_copy(town, tmp.path(), &study, "disk-refused", true).await;
     let message = refused.expect_err("a node whose disk is full refuses a submission");
     assert!(message.starts_with("disk full: "), "{message}");
+    eprintln!("submission at the full township refused: {message}");
     // ...and from the village: cases offered now wait there, they are not lost.
     let waiting = [
         submit_copy(village, tmp.path(), &ct, "disk-1", false).await.unwrap(),
