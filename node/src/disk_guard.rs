@@ -38,11 +38,12 @@ fn check_free(dir: &Path, free: u64, need: u64) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "disk full: {} has {} MiB free, below the {} MiB needed for this case plus the {} MiB kept for \
-         cases already accepted; new cases are refused until space is freed",
+        "disk full: {} has {} MiB free, below the {} MiB needed ({} MiB for this case and {} MiB kept for \
+         cases already accepted); new cases are refused until space is freed",
         dir.display(),
         free >> 20,
         want.div_ceil(1 << 20),
+        need.div_ceil(1 << 20),
         RESERVE_BYTES >> 20
     ))
 }
