@@ -902,6 +902,15 @@ impl Core {
             }
             Input::Message { from, message } => {
                 self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                if let Some(refusal) = self.refuse_offer_on_full_disk(&message) {
+                    tracing::warn!(peer = %from, "case offer refused: {}", refusal.detail);
+                    let _ = self
+                        .store
+                        .audit(t, "peer.refused", refusal.case_id, Some(from.as_str()), &refusal.detail)
+                        .await;
+                    self.send(from, Message::Reject(refusal));
+                    return;
+                }
                 if let Err(e) = self.core.handle_message(t, &from, *message) {
                     self.metrics.peer_refusals.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %from, "refused: {e}");
@@ -1038,6 +1047,9 @@ impl Core {
         if files.is_empty() {
             return Err("a case needs at least one file (or a received study)".into());
         }
+        // New work only while the disk keeps room for the work already accepted.
+        let need = files.iter().map(|f| std::fs::metadata(f).map_or(0, |m| m.len())).sum::<u64>();
+        crate::disk_guard::check(&self.config.data_dir, need.saturating_mul(2))?;
         let mut attachments = Vec::new();
         let mut deidentified = Vec::new();
         let scratch = self.config.data_dir.join("deid-scratch");
@@ -1141,6 +1153,22 @@ impl Core {
             links: self.links.values().map(|l| (l.peer.name.to_string(), l.peer.tier.to_string())).collect(),
             cases,
         }
+    }
+
+    /// A `Busy` refusal for a new case offered while the disk is full (see
+    /// [`crate::disk_guard`]); `None` lets the core handle the message. A case this
+    /// node already holds is never refused here: its re-offer costs no space.
+    fn refuse_offer_on_full_disk(&self, message: &Message) -> Option<Reject> {
+        let Message::CaseOffer(offer) = message else { return None };
+        let manifest =
+            offer.manifest.open::<federation_proto::CaseManifest>(federation_proto::content_type::MANIFEST).ok()?;
+        let id = manifest.body.case_id;
+        if self.core.case(&id).is_some() {
+            return None;
+        }
+        let need = manifest.body.attachments.iter().map(|a| a.size_bytes).fold(0u64, u64::saturating_add);
+        let detail = crate::disk_guard::check(&self.config.data_dir, need).err()?;
+        Some(Reject { case_id: Some(id), code: RejectCode::Busy, detail })
     }
 
     /// Acts on every pending output of the core, in order.

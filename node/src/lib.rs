@@ -13,6 +13,7 @@ pub mod control_plane;
 pub mod daemon;
 pub mod deid;
 pub mod demo;
+pub mod disk_guard;
 pub mod fhir;
 pub mod ingest;
 pub mod loadgen;
