@@ -102,6 +102,10 @@ pub struct PrivacyConfig {
     /// never allowed, whatever this says.
     #[serde(default)]
     pub identifiers_up_to: Option<Tier>,
+    /// An image whose BurnedInAnnotation is YES: `refuse` (default) or `flag`
+    /// (sent, with the flag in its de-identification method; deid.rs).
+    #[serde(default)]
+    pub burned_in_annotation: crate::deid::BurnedInPolicy,
 }
 
 /// The FHIR R4 API for hospital systems (hubs).

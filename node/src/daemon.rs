@@ -1041,6 +1041,15 @@ impl Core {
         let mut attachments = Vec::new();
         let mut deidentified = Vec::new();
         let scratch = self.config.data_dir.join("deid-scratch");
+        // The patient's own identifiers, looked for in the question and attachments.
+        let known = Arc::new(crate::scrub::KnownIdentifiers::new(
+            &req.details.name,
+            &req.patient,
+            &req.details.birth_date,
+            &req.details.address,
+            &req.details.phone,
+        ));
+        let question = crate::scrub::scrub_question(&req.question, &known).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&scratch).map_err(|e| format!("scratch directory {}: {e}", scratch.display()))?;
         for (i, path) in files.iter().enumerate() {
             let mut head = vec![0u8; 132];
@@ -1049,25 +1058,30 @@ impl Core {
                 std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0)
             };
             let media_type = media_type_of(path, &head[..n]);
-            // DICOM is de-identified here, at the origin, before the manifest is signed;
-            // the identified original stays in this node's blob store only.
-            let (hash, size) = if crate::deid::is_dicom(&head[..n]) {
+            // DICOM, WFDB headers, TIFF slides and XML are de-identified here, at the
+            // origin, before the manifest is signed (deid.rs, scrub.rs); the
+            // identified original stays in this node's blob store only.
+            let out = scratch.join(format!("{}-{i}.clean", hex::encode(rand::random::<[u8; 8]>())));
+            let (src, dst, deid, ids) = (path.clone(), out.clone(), self.deid.clone(), known.clone());
+            let burned_in = self.config.privacy.burned_in_annotation;
+            let cleaned =
+                tokio::task::spawn_blocking(move || crate::scrub::clean_attachment(&deid, burned_in, &ids, &src, &dst))
+                    .await
+                    .map_err(|e| format!("de-identification task: {e}"))?;
+            let cleaned = match cleaned {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&out);
+                    return Err(format!("attachment {}: {e}", i + 1));
+                }
+            };
+            let (hash, size) = if let Some(method) = cleaned {
                 let (original, _) =
                     self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-                let out = scratch.join(format!("{}-{i}.dcm", hex::encode(rand::random::<[u8; 8]>())));
-                let (src, dst, deid) = (path.clone(), out.clone(), self.deid.clone());
-                tokio::task::spawn_blocking(move || deid.deidentify_file(&src, &dst))
-                    .await
-                    .map_err(|e| format!("de-identification task: {e}"))?
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
                 let imported = self.blobs.import_file(&out).await.map_err(|e| format!("{}: {e}", out.display()));
                 let _ = std::fs::remove_file(&out);
                 let (hash, size) = imported?;
-                deidentified.push(federation_proto::Deidentification {
-                    hash,
-                    original_hash: original,
-                    method: crate::deid::DEIDENTIFICATION_METHOD.into(),
-                });
+                deidentified.push(federation_proto::Deidentification { hash, original_hash: original, method });
                 (hash, size)
             } else {
                 self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?
@@ -1090,7 +1104,7 @@ impl Core {
             modality: req.modality,
             task: req.task.unwrap_or_else(|| default_task(req.modality).into()),
             urgency: req.urgency,
-            clinical_question: req.question,
+            clinical_question: question,
             patient: PatientRef { pseudonym: self.deid.pseudonym(&req.patient), sex: None, age_years: None },
             attachments,
             deidentified,

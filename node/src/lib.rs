@@ -12,6 +12,7 @@ pub mod control;
 pub mod control_plane;
 pub mod daemon;
 pub mod deid;
+pub mod deid_table;
 pub mod demo;
 pub mod fhir;
 pub mod ingest;
@@ -19,6 +20,7 @@ pub mod loadgen;
 #[cfg(feature = "models")]
 pub mod models;
 pub mod readers;
+pub mod scrub;
 pub mod store;
 pub mod transfer;
 pub mod transport;
