@@ -34,6 +34,11 @@ use sha2::{Digest, Sha256};
 /// What DeidentificationMethod (0012,0063) says.
 pub const DEIDENTIFICATION_METHOD: &str =
     "DICOM PS3.15 E.1 Basic Application Level Confidentiality Profile (telemed-node)";
+/// DeidentificationMethod (0012,0063) in the file: LO values, 64 characters at most.
+const FILE_METHOD_VALUES: [&str; 3] =
+    ["DICOM PS3.15 E.1 Basic Application Level Confidentiality", "Profile, Table E.1-1 of DICOM 2026c", "telemed-node"];
+/// The further DeidentificationMethod value of a file passed with burned-in text.
+const FILE_BURNED_IN_VALUE: &str = "BurnedInAnnotation YES: pixel data not cleaned";
 /// Domain separation of the pseudonym key derivation.
 const KEY_DOMAIN: &[u8] = b"telemed-pseudonym-key-v1\0";
 /// Deepest sequence nesting de-identified; a deeper file is refused (real data sets
@@ -266,9 +271,14 @@ impl Deidentifier {
             }
         }
         self.clean(&mut obj, &mut summary, 0)?;
-        let method = summary.method();
         obj.put(DataElement::new(tags::PATIENT_IDENTITY_REMOVED, VR::CS, PrimitiveValue::from("YES")));
-        obj.put(DataElement::new(tags::DEIDENTIFICATION_METHOD, VR::LO, PrimitiveValue::from(method.as_str())));
+        // In the file the method is several LO values of at most 64 characters each
+        // (the manifest carries the one-line text); dciodvfy checks the lengths.
+        let mut values: Vec<String> = FILE_METHOD_VALUES.iter().map(|v| v.to_string()).collect();
+        if summary.burned_in_flagged {
+            values.push(FILE_BURNED_IN_VALUE.into());
+        }
+        obj.put(DataElement::new(tags::DEIDENTIFICATION_METHOD, VR::LO, PrimitiveValue::Strs(values.into())));
         let (value, scheme, meaning) = BASIC_PROFILE_CODE;
         let code = InMemDicomObject::from_element_iter([
             DataElement::new(tags::CODE_VALUE, VR::SH, PrimitiveValue::from(value)),
@@ -462,7 +472,11 @@ mod tests {
             o.element_opt(t).unwrap().map(|e| e.to_str().unwrap().trim_end_matches(['\0', ' ']).to_owned())
         };
         assert_eq!(s(&out, tags::PATIENT_IDENTITY_REMOVED).as_deref(), Some("YES"));
-        assert_eq!(s(&out, tags::DEIDENTIFICATION_METHOD).as_deref(), Some(DEIDENTIFICATION_METHOD));
+        assert_eq!(
+            s(&out, tags::DEIDENTIFICATION_METHOD).as_deref(),
+            Some(FILE_METHOD_VALUES.join("\\").as_str()),
+            "the method, as LO values"
+        );
         assert_eq!(s(&out, tags::PATIENT_NAME).as_deref(), Some(""));
         assert_eq!(s(&out, tags::PATIENT_ADDRESS), None);
         let old_sop = s(&original, tags::SOP_INSTANCE_UID).unwrap();
@@ -620,7 +634,7 @@ mod tests {
         assert!(summary.method().contains("BurnedInAnnotation=YES"));
         let out = dicom_object::open_file(&dst).unwrap();
         assert_eq!(text(&out, tags::BURNED_IN_ANNOTATION).as_deref(), Some("YES"), "the flag stays in the file");
-        assert!(text(&out, tags::DEIDENTIFICATION_METHOD).unwrap().contains("pixel data NOT cleaned"));
+        assert!(text(&out, tags::DEIDENTIFICATION_METHOD).unwrap().contains("pixel data not cleaned"));
         // "NO" passes under the default policy.
         obj.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
         obj.write_to_file(&src).unwrap();

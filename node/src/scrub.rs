@@ -779,6 +779,64 @@ mod tests {
     }
 
     #[test]
+    fn an_svs_slide_loses_names_dates_and_its_label_image_and_keeps_its_tiles() {
+        let ids = zhang();
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/cmu_small_region.svs");
+        let mut bytes = std::fs::read(&src).unwrap();
+        // The real slide's description names a user id, a file name and a date: put
+        // the patient there instead (same length, as a scanner would have written it).
+        let user = b"User = b414003d-95c6-48b0-9369-8010ed517ba7";
+        let patient = b"User =Zhang Wei 410102198001011234 1/1/1980";
+        assert_eq!(user.len(), patient.len());
+        let mut n = 0;
+        while let Some(i) = bytes.windows(user.len()).position(|w| w == user) {
+            bytes[i..i + user.len()].copy_from_slice(patient);
+            n += 1;
+        }
+        assert_eq!(n, 2, "both descriptions carry the field");
+        let dir = tempfile::tempdir().unwrap();
+        let identified = dir.path().join("identified.svs");
+        std::fs::write(&identified, &bytes).unwrap();
+        let before = crate::readers::slide::Slide::open(&identified).unwrap();
+        let (levels, mpp, mag) =
+            (before.levels().to_vec(), before.microns_per_pixel(), before.objective_magnification());
+
+        let len = bytes.len();
+        let summary = scrub_tiff(&mut bytes, &ids).unwrap();
+        assert_eq!(bytes.len(), len, "rewritten in place");
+        assert_eq!(summary.images_removed, 2, "label and macro: {summary:?}");
+        for needle in ["Zhang", "410102198001011234", "1980", "CMU-1", "12/29/09", "Filename", "label 387x463"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} left in the slide");
+        }
+        let cleaned = dir.path().join("cleaned.svs");
+        std::fs::write(&cleaned, &bytes).unwrap();
+        let mut after = crate::readers::slide::Slide::open(&cleaned).unwrap();
+        assert_eq!(after.levels(), levels.as_slice(), "the pyramid (and its tile offsets) unchanged");
+        assert_eq!((after.microns_per_pixel(), after.objective_magnification()), (mpp, mag), "MPP and AppMag kept");
+        let mut before = crate::readers::slide::Slide::open(&identified).unwrap();
+        assert_eq!(after.read_tile(0, 0, 0).unwrap(), before.read_tile(0, 0, 0).unwrap(), "pixels unchanged");
+        // Every tile and strip of the images kept is the same, byte for byte.
+        let mut original = std::fs::read(&identified).unwrap();
+        let t = Tiff { b: &mut original, little: true, big: false };
+        let (mut ifd, mut kept_bytes) = (t.read(4, 4).unwrap() as usize, 0);
+        for _ in 0..2 {
+            let entries = t.entries(ifd).unwrap();
+            let get = |tag| entries.iter().find(|e| e.tag == tag).map(|e| t.values(e).unwrap());
+            let (offs, lens) = match get(TAG_TILE_OFFSETS) {
+                Some(o) => (o, get(TAG_TILE_BYTE_COUNTS).unwrap()),
+                None => (get(TAG_STRIP_OFFSETS).unwrap(), get(TAG_STRIP_BYTE_COUNTS).unwrap()),
+            };
+            for (o, l) in offs.iter().zip(&lens) {
+                let r = *o as usize..(*o + *l) as usize;
+                assert_eq!(t.b[r.clone()], bytes[r.clone()], "pixel data at {r:?}");
+                kept_bytes += r.len();
+            }
+            ifd = t.read(t.next_pointer_at(ifd, entries.len()), 4).unwrap() as usize;
+        }
+        assert!(kept_bytes > 1_000_000, "{kept_bytes}");
+    }
+
+    #[test]
     fn a_truncated_or_looping_tiff_is_refused() {
         let ids = zhang();
         let mut b =
