@@ -41,6 +41,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+fn details() -> PatientDetails {
+    PatientDetails { name: NAME.into(), birth_date: BIRTH.into(), address: ADDRESS.into(), phone: PHONE.into() }
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
@@ -97,12 +101,7 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
             question: format!("Zhang Wei (ID {ID_NUMBER}, born 01/01/1980) fell at home: fracture?"),
             patient: ID_NUMBER.into(),
             task: None,
-            details: PatientDetails {
-                name: NAME.into(),
-                birth_date: BIRTH.into(),
-                address: ADDRESS.into(),
-                phone: PHONE.into(),
-            },
+            details: details(),
         })
         .await
         .unwrap()
@@ -141,12 +140,7 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
             question: format!("Biopsy of Wei Zhang, {BIRTH}, tel {PHONE}: malignant?"),
             patient: ID_NUMBER.into(),
             task: None,
-            details: PatientDetails {
-                name: NAME.into(),
-                birth_date: BIRTH.into(),
-                address: ADDRESS.into(),
-                phone: PHONE.into(),
-            },
+            details: details(),
         })
         .await
         .unwrap()
