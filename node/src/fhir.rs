@@ -234,18 +234,37 @@ pub fn observations(record: &CaseRecord) -> Vec<Value> {
     findings.enumerate().map(|(i, f)| observation(record, &report, i + 1, f)).collect()
 }
 
+/// An audit record kind in the DICOM audit vocabulary (shared by the FHIR
+/// AuditEvent and the ATNA export).
+pub(crate) struct AuditClass {
+    /// DICOM CID 400 audit event ID and its meaning.
+    pub code: &'static str,
+    pub meaning: &'static str,
+    /// Event action: C(reate) or E(xecute).
+    pub action: &'static str,
+    /// A refusal: outcome 4 (minor failure).
+    pub refused: bool,
+}
+
+impl AuditClass {
+    pub(crate) fn of(kind: &str) -> AuditClass {
+        let (code, meaning) = if kind.starts_with("case.") || kind.starts_with("report.") {
+            ("110110", "Patient Record")
+        } else if kind.starts_with("link.") || kind.starts_with("peer.") {
+            ("110114", "User Authentication")
+        } else {
+            ("110100", "Application Activity")
+        };
+        let action = if kind.ends_with(".created") || kind == "case.held" { "C" } else { "E" };
+        let refused = kind.contains("refused") || kind.contains("rejected");
+        AuditClass { code, meaning, action, refused }
+    }
+}
+
 /// One audit record as an `AuditEvent` (DICOM audit vocabulary for type and action).
 pub fn audit_event(record: &AuditRecord, node: &NodeName) -> Value {
     let kind = record.kind.as_str();
-    let (type_code, type_display) = if kind.starts_with("case.") || kind.starts_with("report.") {
-        ("110110", "Patient Record")
-    } else if kind.starts_with("link.") || kind.starts_with("peer.") {
-        ("110114", "User Authentication")
-    } else {
-        ("110100", "Application Activity")
-    };
-    let action = if kind.ends_with(".created") || kind == "case.held" { "C" } else { "E" };
-    let refused = kind.contains("refused") || kind.contains("rejected");
+    let AuditClass { code: type_code, meaning: type_display, action, refused } = AuditClass::of(kind);
     let mut entities = Vec::new();
     let chain = json!([
         { "type": "seq", "valueString": record.seq.to_string() },
@@ -316,7 +335,7 @@ pub fn prune(value: &mut Value) {
     }
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

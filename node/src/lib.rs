@@ -6,6 +6,7 @@
 //! make an escalation decision itself: every decision goes through `tiers::Node`,
 //! and every state change the UI asks for goes through the core's inputs.
 
+pub mod atna;
 pub mod blobs;
 pub mod config;
 pub mod control;

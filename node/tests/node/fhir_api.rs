@@ -204,4 +204,60 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     }
     let result = std::process::Command::new(&python).arg(&validator).args(&event_files).output().unwrap();
     assert!(result.status.success(), "exported AuditEvents invalid:\n{}", String::from_utf8_lossy(&result.stdout));
+
+    // `--format atna --syslog-udp`: the same records as DICOM PS3.15 A.5 audit
+    // messages on stdout, and as RFC 5424 syslog datagrams to a loopback receiver.
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_telemed-node"))
+        .args(["audit", "export", "--format", "atna", "--syslog-udp"])
+        .arg(receiver.local_addr().unwrap().to_string())
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let messages: Vec<String> = String::from_utf8(export.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(messages.len() as u64, total, "every record exported");
+    let mut xml_files = Vec::new();
+    for (i, (xml, record)) in messages.iter().zip(&tail).enumerate() {
+        let file = out.path().join(format!("atna-{i}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        // The A.5 structure, read by a real XML parser (libxml2's xmllint).
+        for (xpath, want) in [
+            (
+                "count(/AuditMessage/EventIdentification/EventID[@csd-code and @codeSystemName='DCM' and @originalText])",
+                "1",
+            ),
+            (
+                "count(/AuditMessage/EventIdentification[@EventActionCode and @EventDateTime and @EventOutcomeIndicator])",
+                "1",
+            ),
+            ("count(/AuditMessage/ActiveParticipant[@UserID and @UserIsRequestor]/RoleIDCode[@csd-code])>=1", "true"),
+            ("count(/AuditMessage/AuditSourceIdentification[@AuditSourceID]/AuditSourceTypeCode[@csd-code='4'])", "1"),
+            ("string(/AuditMessage/EventIdentification/EventTypeCode/@csd-code)", record.kind.as_str()),
+            (
+                "count(/AuditMessage/ParticipantObjectIdentification[@ParticipantObjectID and @ParticipantObjectTypeCode]/ParticipantObjectDetail)",
+                "5",
+            ),
+        ] {
+            let got = std::process::Command::new("xmllint")
+                .args(["--xpath", xpath])
+                .arg(&file)
+                .output()
+                .expect("xmllint must be installed (scripts/deps/privacy.sh)");
+            assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), want, "{xpath} in {xml}");
+        }
+        xml_files.push(file);
+    }
+    let parsed = std::process::Command::new("xmllint").arg("--noout").args(&xml_files).output().unwrap();
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
+    let mut buf = vec![0u8; 70_000];
+    for (i, xml) in messages.iter().enumerate() {
+        let n = receiver.recv(&mut buf).unwrap_or_else(|e| panic!("syslog datagram {i} of {}: {e}", messages.len()));
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        let (header, body) = text.split_once('\u{feff}').expect("the BOM before the XML");
+        assert!(header.starts_with("<85>1 ") && header.ends_with(" telemed-node - IHE+RFC-3881 - "), "{header}");
+        assert_eq!(body, format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>{xml}"), "datagrams in chain order");
+    }
 }
