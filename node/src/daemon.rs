@@ -546,14 +546,20 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     // The FHIR R4 API for hospital systems (hubs).
     let mut fhir_addr = None;
     if let Some(fhir) = &config.fhir {
-        let token = std::fs::read_to_string(&fhir.token_file)
-            .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", fhir.token_file.display())))?;
-        let token = token.trim();
-        if token.len() < 16 {
-            return Err(DaemonError::Config(format!(
-                "FHIR token in {} is shorter than 16 characters",
-                fhir.token_file.display()
-            )));
+        let mut clients = crate::fhir_auth::FhirClients::default();
+        if let Some(token_file) = &fhir.token_file {
+            let token = std::fs::read_to_string(token_file)
+                .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", token_file.display())))?;
+            clients = crate::fhir_auth::FhirClients::from_legacy_token(&token)
+                .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", token_file.display())))?;
+        }
+        if let Some(clients_file) = &fhir.clients_file {
+            let more = crate::fhir_auth::FhirClients::load(clients_file)
+                .map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
+            clients.extend(more).map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
+        }
+        if clients.is_empty() {
+            return Err(DaemonError::Config("[fhir] needs a token_file or a clients_file with a client".into()));
         }
         let listener = tokio::net::TcpListener::bind(fhir.listen)
             .await
@@ -562,7 +568,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         let app = crate::fhir::router(crate::fhir::FhirState {
             store: store.clone(),
             node: config.node_name(),
-            token: token.into(),
+            clients: Arc::new(clients),
         });
         background.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {

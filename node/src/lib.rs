@@ -16,6 +16,7 @@ pub mod deid;
 pub mod deid_table;
 pub mod demo;
 pub mod fhir;
+pub mod fhir_auth;
 pub mod ingest;
 pub mod loadgen;
 #[cfg(feature = "models")]
