@@ -35,7 +35,16 @@ fn deidentified_files_parse_in_dcmtk_and_keep_their_iod_valid_in_dciodvfy() {
     let deid = node::deid::Deidentifier::from_node_key(&SigningKey::from_bytes(&[9; 32]));
     let data = node::demo::testdata_dir();
     let mut checked = 0;
-    for name in ["CT_small.dcm", "US1_J2KR.dcm", "waveform_ecg.dcm", "RG3_J2KI.dcm"] {
+    for name in [
+        "CT_small.dcm",
+        "US1_J2KR.dcm",
+        "waveform_ecg.dcm",
+        "RG3_J2KI.dcm",
+        "MR2_J2KI.dcm",
+        "emri_small.dcm",
+        "OBXXXX1A_rle.dcm",
+        "693_J2KR.dcm",
+    ] {
         // The real file, with the patient's identifiers written into its header.
         let mut obj = dicom_object::open_file(data.join(name)).unwrap();
         obj.put(DataElement::new(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("Zhang^Wei")));
@@ -63,5 +72,5 @@ fn deidentified_files_parse_in_dcmtk_and_keep_their_iod_valid_in_dciodvfy() {
         assert!(new.is_empty(), "{name}: de-identification introduced IOD errors {new:#?}\n(before: {before:#?})");
         checked += 1;
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 8);
 }
