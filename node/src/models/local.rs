@@ -132,10 +132,13 @@ impl LocalModel {
                 // knee looks like no phantom the model knows): then the read is
                 // capped below every threshold and says why.
                 let header_kind = header.kind();
-                let disagrees = header.contradicts(kind);
+                let (top, tp) = read.top();
+                // Pixels that say "other" agree with a header that says "other"
+                // (e.g. a radiograph of a tibia): not a contradiction to report.
+                let both_other = top == KINDS[KIND_OTHER] && header_kind == Some(KINDS[KIND_OTHER]);
+                let disagrees = header.contradicts(kind) && !both_other;
                 let p = if disagrees { p.min(0.5) } else { p };
                 let (quality, q) = read.quality();
-                let (top, tp) = read.top();
                 let labels = vec![
                     Label { label: kind.into(), confidence: p },
                     Label { label: KINDS[KIND_OTHER].into(), confidence: read.kind_probs[KIND_OTHER] },

@@ -129,6 +129,9 @@ fn pydicom_data_chest_radiograph_is_recognised_as_a_chest_xray() {
     let tibia = node::models::inputs::load(&testdata("RG3_J2KI.dcm")).unwrap();
     let read = model.read_input(&tibia).unwrap();
     assert!(read.labels[0].label != "chest_xray" || read.labels[0].confidence <= 0.5, "{read:?}");
+    // Pixels and header agree it is "other": said so, not reported as a contradiction.
+    assert!(read.summary.starts_with("not an image this model reads (other"), "{}", read.summary);
+    assert!(read.labels.iter().all(|l| !l.label.starts_with("dicom_header_says")), "{read:?}");
 }
 
 #[test]
