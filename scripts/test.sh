@@ -20,5 +20,6 @@ fi
 bash scripts/deps/chromium.sh  # headless Chromium + chromedriver for the web UI's browser test
 bash scripts/deps/postgres.sh  # PostgreSQL for the store suite
 bash scripts/deps/python-fhir.sh  # fhir.resources, the independent FHIR R4 validator
+bash scripts/deps/privacy.sh  # dciodvfy, dcmdump, xmllint: independent checks of de-identified DICOM and ATNA XML
 
 cargo test --workspace "$@"

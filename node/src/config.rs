@@ -102,6 +102,10 @@ pub struct PrivacyConfig {
     /// never allowed, whatever this says.
     #[serde(default)]
     pub identifiers_up_to: Option<Tier>,
+    /// An image whose BurnedInAnnotation is YES: `refuse` (default) or `flag`
+    /// (sent, with the flag in its de-identification method; deid.rs).
+    #[serde(default)]
+    pub burned_in_annotation: crate::deid::BurnedInPolicy,
 }
 
 /// The FHIR R4 API for hospital systems (hubs).
@@ -109,8 +113,13 @@ pub struct PrivacyConfig {
 #[serde(deny_unknown_fields)]
 pub struct FhirConfig {
     pub listen: SocketAddr,
-    /// A file holding the bearer token clients must send (mode 0600).
-    pub token_file: PathBuf,
+    /// A file holding one bearer token shared by every client, with every read
+    /// scope (mode 0600). Optional when `clients_file` is given.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Registered clients: token digests and SMART system scopes (`fhir_auth.rs`).
+    #[serde(default)]
+    pub clients_file: Option<PathBuf>,
 }
 
 /// A local AI model this node runs (`[[models]]`; needs the `models` feature).
@@ -275,7 +284,7 @@ impl Config {
             fix(&mut inbox.dir);
         }
         if let Some(fhir) = &mut self.fhir {
-            fix(&mut fhir.token_file);
+            fhir.token_file.iter_mut().chain(fhir.clients_file.iter_mut()).for_each(fix);
         }
         for m in &mut self.models {
             if let Some(w) = &mut m.weights {

@@ -546,14 +546,20 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
     // The FHIR R4 API for hospital systems (hubs).
     let mut fhir_addr = None;
     if let Some(fhir) = &config.fhir {
-        let token = std::fs::read_to_string(&fhir.token_file)
-            .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", fhir.token_file.display())))?;
-        let token = token.trim();
-        if token.len() < 16 {
-            return Err(DaemonError::Config(format!(
-                "FHIR token in {} is shorter than 16 characters",
-                fhir.token_file.display()
-            )));
+        let mut clients = crate::fhir_auth::FhirClients::default();
+        if let Some(token_file) = &fhir.token_file {
+            let token = std::fs::read_to_string(token_file)
+                .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", token_file.display())))?;
+            clients = crate::fhir_auth::FhirClients::from_legacy_token(&token)
+                .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", token_file.display())))?;
+        }
+        if let Some(clients_file) = &fhir.clients_file {
+            let more = crate::fhir_auth::FhirClients::load(clients_file)
+                .map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
+            clients.extend(more).map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
+        }
+        if clients.is_empty() {
+            return Err(DaemonError::Config("[fhir] needs a token_file or a clients_file with a client".into()));
         }
         let listener = tokio::net::TcpListener::bind(fhir.listen)
             .await
@@ -562,7 +568,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         let app = crate::fhir::router(crate::fhir::FhirState {
             store: store.clone(),
             node: config.node_name(),
-            token: token.into(),
+            clients: Arc::new(clients),
         });
         background.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -1053,6 +1059,15 @@ impl Core {
         let mut attachments = Vec::new();
         let mut deidentified = Vec::new();
         let scratch = self.config.data_dir.join("deid-scratch");
+        // The patient's own identifiers, looked for in the question and attachments.
+        let known = Arc::new(crate::scrub::KnownIdentifiers::new(
+            &req.details.name,
+            &req.patient,
+            &req.details.birth_date,
+            &req.details.address,
+            &req.details.phone,
+        ));
+        let question = crate::scrub::scrub_question(&req.question, &known).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(&scratch).map_err(|e| format!("scratch directory {}: {e}", scratch.display()))?;
         for (i, path) in files.iter().enumerate() {
             let mut head = vec![0u8; 132];
@@ -1061,25 +1076,30 @@ impl Core {
                 std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0)
             };
             let media_type = media_type_of(path, &head[..n]);
-            // DICOM is de-identified here, at the origin, before the manifest is signed;
-            // the identified original stays in this node's blob store only.
-            let (hash, size) = if crate::deid::is_dicom(&head[..n]) {
+            // DICOM, WFDB headers, TIFF slides and XML are de-identified here, at the
+            // origin, before the manifest is signed (deid.rs, scrub.rs); the
+            // identified original stays in this node's blob store only.
+            let out = scratch.join(format!("{}-{i}.clean", hex::encode(rand::random::<[u8; 8]>())));
+            let (src, dst, deid, ids) = (path.clone(), out.clone(), self.deid.clone(), known.clone());
+            let burned_in = self.config.privacy.burned_in_annotation;
+            let cleaned =
+                tokio::task::spawn_blocking(move || crate::scrub::clean_attachment(&deid, burned_in, &ids, &src, &dst))
+                    .await
+                    .map_err(|e| format!("de-identification task: {e}"))?;
+            let cleaned = match cleaned {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&out);
+                    return Err(format!("attachment {}: {e}", i + 1));
+                }
+            };
+            let (hash, size) = if let Some(method) = cleaned {
                 let (original, _) =
                     self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?;
-                let out = scratch.join(format!("{}-{i}.dcm", hex::encode(rand::random::<[u8; 8]>())));
-                let (src, dst, deid) = (path.clone(), out.clone(), self.deid.clone());
-                tokio::task::spawn_blocking(move || deid.deidentify_file(&src, &dst))
-                    .await
-                    .map_err(|e| format!("de-identification task: {e}"))?
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
                 let imported = self.blobs.import_file(&out).await.map_err(|e| format!("{}: {e}", out.display()));
                 let _ = std::fs::remove_file(&out);
                 let (hash, size) = imported?;
-                deidentified.push(federation_proto::Deidentification {
-                    hash,
-                    original_hash: original,
-                    method: crate::deid::DEIDENTIFICATION_METHOD.into(),
-                });
+                deidentified.push(federation_proto::Deidentification { hash, original_hash: original, method });
                 (hash, size)
             } else {
                 self.blobs.import_file(path).await.map_err(|e| format!("{}: {e}", path.display()))?
@@ -1102,7 +1122,7 @@ impl Core {
             modality: req.modality,
             task: req.task.unwrap_or_else(|| default_task(req.modality).into()),
             urgency: req.urgency,
-            clinical_question: req.question,
+            clinical_question: question,
             patient: PatientRef { pseudonym: self.deid.pseudonym(&req.patient), sex: None, age_years: None },
             attachments,
             deidentified,

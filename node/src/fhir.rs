@@ -10,7 +10,8 @@
 //!
 //! Resources are built from the store (the durable truth), never from the core's
 //! memory, and carry only the pseudonym as the subject: this API never serves a
-//! direct identifier. Every request needs `Authorization: Bearer <token>`; errors
+//! direct identifier. Every request needs `Authorization: Bearer <token>` of a client
+//! whose scopes cover the resource type (`fhir_auth.rs`, ADR 0008); errors
 //! are `OperationOutcome`s. This module must never change a case.
 
 use std::sync::Arc;
@@ -42,8 +43,8 @@ pub const PSEUDONYM_SYSTEM: &str = "urn:telemed:pseudonym";
 pub struct FhirState {
     pub store: Store,
     pub node: NodeName,
-    /// The bearer token clients must present.
-    pub token: Arc<str>,
+    /// The clients admitted, their token digests and scopes (`fhir_auth.rs`).
+    pub clients: Arc<crate::fhir_auth::FhirClients>,
 }
 
 /// `YYYY-MM-DDThh:mm:ss.sssZ` for ms since the Unix epoch (FHIR `instant`).
@@ -234,18 +235,37 @@ pub fn observations(record: &CaseRecord) -> Vec<Value> {
     findings.enumerate().map(|(i, f)| observation(record, &report, i + 1, f)).collect()
 }
 
+/// An audit record kind in the DICOM audit vocabulary (shared by the FHIR
+/// AuditEvent and the ATNA export).
+pub(crate) struct AuditClass {
+    /// DICOM CID 400 audit event ID and its meaning.
+    pub code: &'static str,
+    pub meaning: &'static str,
+    /// Event action: C(reate) or E(xecute).
+    pub action: &'static str,
+    /// A refusal: outcome 4 (minor failure).
+    pub refused: bool,
+}
+
+impl AuditClass {
+    pub(crate) fn of(kind: &str) -> AuditClass {
+        let (code, meaning) = if kind.starts_with("case.") || kind.starts_with("report.") {
+            ("110110", "Patient Record")
+        } else if kind.starts_with("link.") || kind.starts_with("peer.") {
+            ("110114", "User Authentication")
+        } else {
+            ("110100", "Application Activity")
+        };
+        let action = if kind.ends_with(".created") || kind == "case.held" { "C" } else { "E" };
+        let refused = kind.contains("refused") || kind.contains("rejected");
+        AuditClass { code, meaning, action, refused }
+    }
+}
+
 /// One audit record as an `AuditEvent` (DICOM audit vocabulary for type and action).
 pub fn audit_event(record: &AuditRecord, node: &NodeName) -> Value {
     let kind = record.kind.as_str();
-    let (type_code, type_display) = if kind.starts_with("case.") || kind.starts_with("report.") {
-        ("110110", "Patient Record")
-    } else if kind.starts_with("link.") || kind.starts_with("peer.") {
-        ("110114", "User Authentication")
-    } else {
-        ("110100", "Application Activity")
-    };
-    let action = if kind.ends_with(".created") || kind == "case.held" { "C" } else { "E" };
-    let refused = kind.contains("refused") || kind.contains("rejected");
+    let AuditClass { code: type_code, meaning: type_display, action, refused } = AuditClass::of(kind);
     let mut entities = Vec::new();
     let chain = json!([
         { "type": "seq", "valueString": record.seq.to_string() },
@@ -316,7 +336,7 @@ pub fn prune(value: &mut Value) {
     }
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -382,24 +402,20 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
     response
 }
 
-fn authorize(state: &FhirState, headers: &HeaderMap) -> Result<(), FhirError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if same_secret(token, &state.token) => Ok(()),
-        Some(_) => Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", "the bearer token is not valid here")),
-        None => Err(FhirError::new(StatusCode::UNAUTHORIZED, "login", "an Authorization: Bearer token is required")),
+fn authorize(
+    state: &FhirState,
+    headers: &HeaderMap,
+    resource: &str,
+    interaction: crate::fhir_auth::Interaction,
+) -> Result<(), FhirError> {
+    use crate::fhir_auth::AuthError;
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.clients.authorize(header, resource, interaction) {
+        Ok(_) => Ok(()),
+        Err(e @ AuthError::NoToken) => Err(FhirError::new(StatusCode::UNAUTHORIZED, "login", e.to_string())),
+        Err(e @ AuthError::UnknownToken) => Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string())),
+        Err(e @ AuthError::OutOfScope { .. }) => Err(FhirError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())),
     }
-}
-
-/// Compares the SHA-256 digests of both in constant time (no length or prefix leak).
-fn same_secret(a: &str, b: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
 }
 
 fn store_error(e: crate::store::StoreError) -> FhirError {
@@ -421,17 +437,17 @@ async fn case_of(state: &FhirState, id: &str) -> Result<CaseRecord, FhirError> {
 type FhirResult = Result<Response, FhirError>;
 
 async fn get_service_request(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "ServiceRequest", crate::fhir_auth::Interaction::Read)?;
     Ok(fhir_json(StatusCode::OK, &service_request(&case_of(&s, &id).await?)))
 }
 
 async fn get_task(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "Task", crate::fhir_auth::Interaction::Read)?;
     Ok(fhir_json(StatusCode::OK, &task(&case_of(&s, &id).await?, &s.node)))
 }
 
 async fn search_tasks(State(s): State<FhirState>, headers: HeaderMap) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "Task", crate::fhir_auth::Interaction::Search)?;
     let mut tasks = Vec::new();
     for summary in s.store.summaries().await.map_err(store_error)?.into_iter().take(PAGE_MAX as usize) {
         if let Some(record) = s.store.case(&summary.id).await.map_err(store_error)? {
@@ -442,7 +458,7 @@ async fn search_tasks(State(s): State<FhirState>, headers: HeaderMap) -> FhirRes
 }
 
 async fn get_diagnostic_report(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "DiagnosticReport", crate::fhir_auth::Interaction::Read)?;
     let record = case_of(&s, &id).await?;
     let report = diagnostic_report(&record)
         .ok_or_else(|| FhirError::new(StatusCode::NOT_FOUND, "not-found", format!("case {id} has no report yet")))?;
@@ -450,7 +466,7 @@ async fn get_diagnostic_report(State(s): State<FhirState>, headers: HeaderMap, P
 }
 
 async fn get_observation(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "Observation", crate::fhir_auth::Interaction::Read)?;
     let not_found = || FhirError::new(StatusCode::NOT_FOUND, "not-found", format!("no Observation {id}"));
     let (case, n) = id.rsplit_once('-').ok_or_else(not_found)?;
     let n: usize = n.parse().map_err(|_| not_found())?;
@@ -470,7 +486,7 @@ struct AuditQuery {
 }
 
 async fn search_audit(State(s): State<FhirState>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> FhirResult {
-    authorize(&s, &headers)?;
+    authorize(&s, &headers, "AuditEvent", crate::fhir_auth::Interaction::Search)?;
     let count = q.count.unwrap_or(100).clamp(1, PAGE_MAX);
     let records = s.store.audit_from(q.from.unwrap_or(1), count).await.map_err(store_error)?;
     let events = records.iter().map(|r| audit_event(r, &s.node)).collect();
@@ -478,7 +494,13 @@ async fn search_audit(State(s): State<FhirState>, headers: HeaderMap, Query(q): 
 }
 
 async fn unknown(State(s): State<FhirState>, headers: HeaderMap) -> FhirResult {
-    authorize(&s, &headers)?;
+    // Any valid token learns only that the path does not exist.
+    let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err(e) = s.clients.authorize(header, "*", crate::fhir_auth::Interaction::Read)
+        && !matches!(e, crate::fhir_auth::AuthError::OutOfScope { .. })
+    {
+        return Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string()));
+    }
     Err(FhirError::new(StatusCode::NOT_FOUND, "not-supported", "no such resource type or operation here"))
 }
 

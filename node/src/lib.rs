@@ -6,20 +6,24 @@
 //! make an escalation decision itself: every decision goes through `tiers::Node`,
 //! and every state change the UI asks for goes through the core's inputs.
 
+pub mod atna;
 pub mod blobs;
 pub mod config;
 pub mod control;
 pub mod control_plane;
 pub mod daemon;
 pub mod deid;
+pub mod deid_table;
 pub mod demo;
 pub mod disk_guard;
 pub mod fhir;
+pub mod fhir_auth;
 pub mod ingest;
 pub mod loadgen;
 #[cfg(feature = "models")]
 pub mod models;
 pub mod readers;
+pub mod scrub;
 pub mod store;
 pub mod transfer;
 pub mod transport;

@@ -1376,5 +1376,8 @@ mod store_suite;
 #[path = "node/privacy.rs"]
 mod privacy;
 
+#[path = "node/deid_tools.rs"]
+mod deid_tools;
+
 #[path = "node/fhir_api.rs"]
 mod fhir_api;

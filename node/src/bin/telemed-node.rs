@@ -22,9 +22,14 @@ enum AuditAction {
     Export {
         #[arg(long, default_value = "node.toml")]
         config: PathBuf,
-        /// `fhir`: FHIR R4 AuditEvent resources as NDJSON.
+        /// `fhir`: FHIR R4 AuditEvent resources as NDJSON. `atna`: DICOM PS3.15 A.5
+        /// audit messages (IHE ATNA), one XML document per line.
         #[arg(long, default_value = "fhir")]
         format: String,
+        /// With `--format atna`: also send each message to this audit record
+        /// repository as syslog over UDP (RFC 5424 / RFC 5426), e.g. 127.0.0.1:514.
+        #[arg(long)]
+        syslog_udp: Option<std::net::SocketAddr>,
     },
 }
 
@@ -74,9 +79,10 @@ enum Command {
         #[arg(long, default_value = "node.toml")]
         config: PathBuf,
     },
-    /// The audit log: `audit export --format fhir` verifies the hash chain, then
+    /// The audit log: `audit export --format fhir|atna` verifies the hash chain, then
     /// writes every record as a FHIR R4 AuditEvent, one JSON object per line (the
-    /// FHIR bulk-data NDJSON format). Reads the store directly (works while the
+    /// FHIR bulk-data NDJSON format), or as a DICOM PS3.15 A.5 audit message (ATNA)
+    /// per line, optionally also sent as syslog/UDP. Reads the store directly (works while the
     /// daemon runs).
     Audit {
         #[command(subcommand)]
@@ -234,10 +240,14 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await?;
             let _ = std::fs::remove_file(&socket);
         }
-        Command::Audit { action: AuditAction::Export { config, format } } => {
-            if format != "fhir" {
-                bail!("unknown export format `{format}` (supported: fhir)");
+        Command::Audit { action: AuditAction::Export { config, format, syslog_udp } } => {
+            if format != "fhir" && format != "atna" {
+                bail!("unknown export format `{format}` (supported: fhir, atna)");
             }
+            if syslog_udp.is_some() && format != "atna" {
+                bail!("--syslog-udp sends ATNA messages: use it with --format atna");
+            }
+            let syslog = syslog_udp.map(node::atna::SyslogUdp::new).transpose()?;
             let loaded = Config::load(&config)?;
             let location = loaded.store_location();
             let store = node::store::Store::open_read_only(&location)
@@ -254,7 +264,14 @@ async fn main() -> anyhow::Result<()> {
                 next = last.seq + 1;
                 for record in &page {
                     use std::io::Write;
-                    writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;
+                    if format == "atna" {
+                        writeln!(out, "{}", node::atna::audit_message(record, &node_name))?;
+                        if let Some(syslog) = &syslog {
+                            syslog.send(record, &node_name)?;
+                        }
+                    } else {
+                        writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;
+                    }
                 }
             }
             eprintln!("exported {} audit records of {} (chain verified)", next - 1, loaded.name);

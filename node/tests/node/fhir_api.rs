@@ -14,6 +14,24 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "fhir-test-token-0123456789abcdef";
+/// A registered client (ADR 0008) that may read consults and reports, not the audit log.
+const ENGINE_TOKEN: &str = "engine-token-fedcba9876543210";
+
+/// The clients file: the engine's token as a SHA-256 digest, with its scopes.
+fn clients_file(dir: &std::path::Path) -> std::path::PathBuf {
+    use sha2::Digest;
+    let path = dir.join("fhir-clients.toml");
+    let digest = hex::encode(sha2::Sha256::digest(ENGINE_TOKEN.as_bytes()));
+    std::fs::write(
+        &path,
+        format!(
+            "[[client]]\nid = \"his-engine\"\ntoken_sha256 = \"{digest}\"\n\
+             scopes = [\"system/ServiceRequest.rs\", \"system/Task.rs\", \"system/DiagnosticReport.rs\", \"system/Observation.rs\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
 
 /// A minimal HTTP/1.1 GET (one request per connection): status, content type, body.
 async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String, serde_json::Value) {
@@ -57,8 +75,11 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     let mut configs = provision(dir.path(), &plan).unwrap();
     let token_file = dir.path().join("fhir.token");
     std::fs::write(&token_file, TOKEN).unwrap();
-    configs[0].fhir =
-        Some(node::config::FhirConfig { listen: "127.0.0.1:0".parse().unwrap(), token_file: token_file.clone() });
+    configs[0].fhir = Some(node::config::FhirConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        token_file: Some(token_file.clone()),
+        clients_file: Some(clients_file(dir.path())),
+    });
     let hub = node::daemon::start(configs[0].clone()).await.unwrap();
     configs[1].parents = vec![node::config::ParentConfig { name: county.into(), tier: Tier::County, addr: hub.addr }];
     let clinic = node::daemon::start(configs[1].clone()).await.unwrap();
@@ -135,10 +156,18 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
         .collect();
     assert!(kinds.contains(&"case.reported"), "{kinds:?}");
 
-    // Errors: OperationOutcome, 401 without (or with a wrong) token, 404 for unknown ids.
+    // A registered client reads what its scopes name, and nothing else.
+    let (code, _, body) = get(fhir, &format!("/fhir/Task/{id}"), Some(ENGINE_TOKEN)).await;
+    assert_eq!((code, body["resourceType"].as_str()), (200, Some("Task")), "{body}");
+    let (code, _, body) = get(fhir, "/fhir/Task", Some(ENGINE_TOKEN)).await;
+    assert_eq!((code, body["resourceType"].as_str()), (200, Some("Bundle")), "{body}");
+
+    // Errors: OperationOutcome, 401 without (or with a wrong) token, 403 out of the
+    // client's scopes, 404 for unknown ids.
     for (path, token, expected) in [
         (format!("/fhir/Task/{id}"), None, 401),
         (format!("/fhir/Task/{id}"), Some("wrong-token-wrong-token"), 401),
+        ("/fhir/AuditEvent".to_owned(), Some(ENGINE_TOKEN), 403),
         ("/fhir/Task/00000000000000000000000000000000".to_owned(), Some(TOKEN), 404),
         ("/fhir/Patient/x".to_owned(), Some(TOKEN), 404),
     ] {
@@ -204,4 +233,60 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     }
     let result = std::process::Command::new(&python).arg(&validator).args(&event_files).output().unwrap();
     assert!(result.status.success(), "exported AuditEvents invalid:\n{}", String::from_utf8_lossy(&result.stdout));
+
+    // `--format atna --syslog-udp`: the same records as DICOM PS3.15 A.5 audit
+    // messages on stdout, and as RFC 5424 syslog datagrams to a loopback receiver.
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_telemed-node"))
+        .args(["audit", "export", "--format", "atna", "--syslog-udp"])
+        .arg(receiver.local_addr().unwrap().to_string())
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let messages: Vec<String> = String::from_utf8(export.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(messages.len() as u64, total, "every record exported");
+    let mut xml_files = Vec::new();
+    for (i, (xml, record)) in messages.iter().zip(&tail).enumerate() {
+        let file = out.path().join(format!("atna-{i}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        // The A.5 structure, read by a real XML parser (libxml2's xmllint).
+        for (xpath, want) in [
+            (
+                "count(/AuditMessage/EventIdentification/EventID[@csd-code and @codeSystemName='DCM' and @originalText])",
+                "1",
+            ),
+            (
+                "count(/AuditMessage/EventIdentification[@EventActionCode and @EventDateTime and @EventOutcomeIndicator])",
+                "1",
+            ),
+            ("count(/AuditMessage/ActiveParticipant[@UserID and @UserIsRequestor]/RoleIDCode[@csd-code])>=1", "true"),
+            ("count(/AuditMessage/AuditSourceIdentification[@AuditSourceID]/AuditSourceTypeCode[@csd-code='4'])", "1"),
+            ("string(/AuditMessage/EventIdentification/EventTypeCode/@csd-code)", record.kind.as_str()),
+            (
+                "count(/AuditMessage/ParticipantObjectIdentification[@ParticipantObjectID and @ParticipantObjectTypeCode]/ParticipantObjectDetail)",
+                "5",
+            ),
+        ] {
+            let got = std::process::Command::new("xmllint")
+                .args(["--xpath", xpath])
+                .arg(&file)
+                .output()
+                .expect("xmllint must be installed (scripts/deps/privacy.sh)");
+            assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), want, "{xpath} in {xml}");
+        }
+        xml_files.push(file);
+    }
+    let parsed = std::process::Command::new("xmllint").arg("--noout").args(&xml_files).output().unwrap();
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
+    let mut buf = vec![0u8; 70_000];
+    for (i, xml) in messages.iter().enumerate() {
+        let n = receiver.recv(&mut buf).unwrap_or_else(|e| panic!("syslog datagram {i} of {}: {e}", messages.len()));
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        let (header, body) = text.split_once('\u{feff}').expect("the BOM before the XML");
+        assert!(header.starts_with("<85>1 ") && header.ends_with(" telemed-node - IHE+RFC-3881 - "), "{header}");
+        assert_eq!(body, format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>{xml}"), "datagrams in chain order");
+    }
 }

@@ -5,7 +5,10 @@
 //! may be found at the county (case record, manifest, every byte of its data
 //! directory, the DICOM headers of the blobs it received, the logs), while the
 //! township holds the origin-signed identity and the village matches the report
-//! to the patient.
+//! to the patient. A second case carries what is not DICOM: a clinical question
+//! naming the patient, a WFDB ECG whose header comments name the patient, and an
+//! Aperio SVS slide whose description names the patient; none of it may reach
+//! the county either.
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
@@ -38,6 +41,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+fn details() -> PatientDetails {
+    PatientDetails { name: NAME.into(), birth_date: BIRTH.into(), address: ADDRESS.into(), phone: PHONE.into() }
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
@@ -50,7 +57,12 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     let township = format!("gaocheng.{county}");
     let village = format!("v1.{township}");
     let plan = vec![
-        PlannedNode { name: county.into(), tier: Tier::County, parent: None, experts: vec![(Modality::Imaging, 1)] },
+        PlannedNode {
+            name: county.into(),
+            tier: Tier::County,
+            parent: None,
+            experts: vec![(Modality::Imaging, 1), (Modality::Pathology, 1)],
+        },
         PlannedNode { name: township.clone(), tier: Tier::Township, parent: Some(county.into()), experts: vec![] },
         PlannedNode { name: village.clone(), tier: Tier::Village, parent: Some(township.clone()), experts: vec![] },
     ];
@@ -86,21 +98,63 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
             study: None,
             modality: Modality::Imaging,
             urgency: Urgency::Urgent,
-            question: "fracture?".into(),
+            question: format!("Zhang Wei (ID {ID_NUMBER}, born 01/01/1980) fell at home: fracture?"),
             patient: ID_NUMBER.into(),
             task: None,
-            details: PatientDetails {
-                name: NAME.into(),
-                birth_date: BIRTH.into(),
-                address: ADDRESS.into(),
-                phone: PHONE.into(),
-            },
+            details: details(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The second case: non-DICOM attachments naming the patient.
+    let hea = dir.path().join("zhang_wei.hea");
+    let dat = dir.path().join("zhang_wei.dat");
+    let excerpt = std::fs::read_to_string(node::demo::testdata_dir().join("mitdb208_excerpt.hea")).unwrap();
+    std::fs::write(
+        &hea,
+        format!(
+            "{}\n# Zhang Wei, 46 M, born {BIRTH}, ID {ID_NUMBER}\n",
+            excerpt
+                .replace("mitdb208_excerpt.dat", "zhang_wei.dat")
+                .replacen("mitdb208_excerpt", "zhang_wei", 1)
+                .trim_end()
+        ),
+    )
+    .unwrap();
+    std::fs::copy(node::demo::testdata_dir().join("mitdb208_excerpt.dat"), &dat).unwrap();
+    let mut svs = std::fs::read(node::demo::testdata_dir().join("cmu_small_region.svs")).unwrap();
+    let (user, patient) =
+        (b"User = b414003d-95c6-48b0-9369-8010ed517ba7", b"User =Zhang Wei 410102198001011234 1/1/1980");
+    while let Some(i) = svs.windows(user.len()).position(|w| w == user) {
+        svs[i..i + user.len()].copy_from_slice(patient);
+    }
+    let slide = dir.path().join("zhang-wei-slide.svs");
+    std::fs::write(&slide, &svs).unwrap();
+    let id2 = v_node
+        .submit(SubmitRequest {
+            files: vec![slide.clone(), hea.clone(), dat.clone()],
+            study: None,
+            modality: Modality::Pathology,
+            urgency: Urgency::Urgent,
+            question: format!("Biopsy of Wei Zhang, {BIRTH}, tel {PHONE}: malignant?"),
+            patient: ID_NUMBER.into(),
+            task: None,
+            details: details(),
         })
         .await
         .unwrap()
         .unwrap();
 
     let end = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = v_node.show(id2).await.unwrap().unwrap();
+        if v.report.is_some() {
+            break;
+        }
+        assert!(Instant::now() < end, "no report for the slide case at the village: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let at_village = loop {
         let v = v_node.show(id).await.unwrap().unwrap();
         if v.report.is_some() {
@@ -124,10 +178,18 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     let at_county = c_node.show(id).await.unwrap().expect("case at the county");
     assert!(at_county.identity.is_none(), "{at_county:?}");
     assert!(at_county.patient.starts_with("psn-") && !at_county.patient.contains(ID_NUMBER));
-    let rendered = format!("{at_county:?}{}", at_county.render());
-    for needle in [NAME, "Zhang", ID_NUMBER, BIRTH, BIRTH_DICOM, ADDRESS, PHONE, "zhang-wei"] {
-        assert!(!rendered.contains(needle), "{needle} in the county's view of the case");
+    let slide_case = c_node.show(id2).await.unwrap().expect("the slide case at the county");
+    assert!(slide_case.identity.is_none());
+    let rendered = format!("{at_county:?}{}{slide_case:?}{}", at_county.render(), slide_case.render());
+    for needle in
+        [NAME, "Zhang", "Wei", ID_NUMBER, BIRTH, BIRTH_DICOM, "01/01/1980", ADDRESS, PHONE, "zhang-wei", "zhang_wei"]
+    {
+        assert!(!rendered.contains(needle), "{needle} in the county's view of the cases");
     }
+    assert!(
+        rendered.contains("fell at home: fracture?") && rendered.contains("malignant?"),
+        "the question's clinical part travels"
+    );
     let store = node::store::SqliteStore::open_read_only(&configs[0].db_path()).await.unwrap();
     let record = store.case(&id).await.unwrap().expect("stored at the county");
     assert!(record.identity.is_none());
@@ -145,7 +207,20 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     let mut dicom_blobs = 0;
     for f in &county_files {
         let bytes = std::fs::read(f).unwrap();
-        for needle in [NAME, "Zhang", ID_NUMBER, BIRTH, BIRTH_DICOM, "Jinshui", PHONE, original_uid.as_str()] {
+        for needle in [
+            NAME,
+            "Zhang",
+            "zhang",
+            ID_NUMBER,
+            BIRTH,
+            BIRTH_DICOM,
+            "01/01/1980",
+            "1/1/1980",
+            "Jinshui",
+            PHONE,
+            "5555 0199",
+            original_uid.as_str(),
+        ] {
             assert!(!contains(&bytes, needle), "{needle} found in {}", f.display());
         }
         if node::deid::is_dicom(&bytes[..bytes.len().min(132)]) {
@@ -156,12 +231,28 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
             assert_eq!(text(tags::PATIENT_IDENTITY_REMOVED).as_deref(), Some("YES"), "{}", f.display());
             assert!(text(tags::DEIDENTIFICATION_METHOD).unwrap().contains("PS3.15"));
             assert_eq!(text(tags::PATIENT_NAME).as_deref(), Some(""));
-            assert_eq!(text(tags::PATIENT_ID).as_deref(), Some(""));
+            // Z/D in the 2026c table: a dummy.
+            assert_eq!(text(tags::PATIENT_ID).as_deref(), Some("ANONYMIZED"));
             assert_eq!(text(tags::PATIENT_BIRTH_DATE).as_deref(), Some(""));
             assert!(obj.iter().all(|e| e.header().tag.group() % 2 == 0), "private tags removed");
         }
     }
     assert_eq!(dicom_blobs, 1, "the county received the de-identified slice: {county_files:?}");
+    // The slide and the ECG arrived de-identified, and still read.
+    let received: Vec<&PathBuf> = county_files.iter().filter(|f| f.to_string_lossy().contains("objects")).collect();
+    let slides: Vec<_> = received.iter().filter(|f| node::scrub::is_tiff(&std::fs::read(f).unwrap())).collect();
+    assert_eq!(slides.len(), 1, "{received:?}");
+    let read = node::readers::slide::Slide::open(slides[0]).unwrap();
+    assert!(read.microns_per_pixel().is_some(), "the slide's MPP travels");
+    let headers: Vec<String> = received
+        .iter()
+        .filter_map(|f| String::from_utf8(std::fs::read(f).unwrap()).ok())
+        .filter(|t| t.contains("212 200(1024)/mV"))
+        .collect();
+    assert_eq!(headers.len(), 1, "the WFDB header arrived");
+    let parsed = node::readers::wfdb::parse_wfdb_header(&headers[0]).unwrap();
+    assert_eq!((parsed.sample_rate_hz, parsed.signals[0].description.as_str()), (360.0, "MLII"));
+    assert!(!headers[0].contains("46 M"), "header comments dropped: {}", headers[0]);
     // The identified original never left the village's blob store.
     let village_has_original =
         files_under(&configs[2].data_dir).iter().any(|f| std::fs::read(f).is_ok_and(|b| contains(&b, ID_NUMBER)));
@@ -170,7 +261,7 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     // Logs: this process's captured tracing output (all three nodes) names none of them.
     let logs = super::logs();
     assert!(logs.contains(&id.to_string()), "the capture holds the nodes' logs");
-    for needle in [NAME, "Zhang", ID_NUMBER, BIRTH, BIRTH_DICOM, ADDRESS, PHONE] {
+    for needle in [NAME, "Zhang", ID_NUMBER, BIRTH, BIRTH_DICOM, "01/01/1980", ADDRESS, PHONE] {
         assert!(!logs.contains(needle), "{needle} in the logs");
     }
 }
