@@ -7,6 +7,7 @@
 //! and every state change the UI asks for goes through the core's inputs.
 
 pub mod blobs;
+pub mod chunk_index;
 pub mod config;
 pub mod control;
 pub mod control_plane;
@@ -15,6 +16,7 @@ pub mod deid;
 pub mod demo;
 pub mod fhir;
 pub mod ingest;
+pub mod load;
 pub mod loadgen;
 #[cfg(feature = "models")]
 pub mod models;
