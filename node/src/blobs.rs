@@ -280,7 +280,7 @@ impl BlobStore {
         blocking(move || {
             let (size, data) = read_chunk_blocking(&path, hash, offset, len)?;
             // An aligned whole chunk (or the blob's last) has its hash in the index.
-            let aligned = offset % INDEX_CHUNK_LEN == 0
+            let aligned = offset.is_multiple_of(INDEX_CHUNK_LEN)
                 && (data.len() as u64 == INDEX_CHUNK_LEN || offset + data.len() as u64 == size);
             let indexed = aligned.then(|| store.inner.indexes.chunk_hash(&hash, size, offset / INDEX_CHUNK_LEN));
             let chunk_hash = indexed.flatten().unwrap_or_else(|| ContentHash::of(&data));

@@ -13,7 +13,9 @@
 //!
 //! Durability contract: [`SqliteStore::apply`] returns only after its transaction
 //! committed with `synchronous=FULL`, so the driver may act on the core's later
-//! outputs (send a receipt, forward a case) as soon as it returns. Writes go through
+//! outputs (send a receipt, forward a case) as soon as it returns; so does
+//! [`Store::commit`], which makes a whole batch of changes and audit records durable
+//! in one transaction (group commit: one flush for many writes). Writes go through
 //! one connection behind a FIFO lock, so they commit in call order.
 //!
 //! This module must never make a decision about a case (the core does), never panic
