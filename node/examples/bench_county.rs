@@ -25,12 +25,11 @@
 use certs::keys::NodeCredentials;
 use certs::verify::TrustStore;
 use federation_proto::{CaseId, Modality, Tier, Urgency};
-use node::demo::{PlannedNode, provision};
+use node::demo::provision;
+use node::load::{COUNTY, connect_villages, county_plan};
 use node::loadgen::PlayedChild;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -93,16 +92,7 @@ async fn duration_mode(secs: u64) -> anyhow::Result<()> {
         Ok(d) => tempfile::tempdir_in(d)?,
         Err(_) => tempfile::tempdir()?,
     };
-    let mut plan = vec![PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![] }];
-    for i in 0..villages.max(1) {
-        plan.push(PlannedNode {
-            name: format!("v{i:04}.gaocheng.dengfeng.zhengzhou.henan.cn"),
-            tier: Tier::Village,
-            parent: Some(COUNTY.into()),
-            experts: vec![],
-        });
-    }
-    let configs = provision(dir.path(), &plan)?;
+    let configs = provision(dir.path(), &county_plan(villages.max(1)))?;
     let county_json = dir.path().join("county.json");
     std::fs::write(&county_json, serde_json::to_vec(&configs[0])?)?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
@@ -118,16 +108,8 @@ async fn duration_mode(secs: u64) -> anyhow::Result<()> {
             break a.parse()?;
         }
     };
-    let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root)?)?);
     let connect_start = Instant::now();
-    let mut children = Vec::new();
-    for c in configs.iter().skip(1).take(villages) {
-        let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key)?;
-        children.push(Arc::new(
-            PlayedChild::connect(&creds, c.name.as_str().into(), Tier::Village, trust.clone(), COUNTY.into(), addr)
-                .await?,
-        ));
-    }
+    let children = connect_villages(&configs, addr).await.map_err(|e| anyhow::anyhow!(e))?;
     println!(
         "{} village links up in {:.1} s; county RSS {:.0} MiB; load average {}",
         children.len(),
@@ -217,16 +199,7 @@ async fn main() -> anyhow::Result<()> {
     let villages: usize = std::env::var("BENCH_VILLAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let per_village: usize = std::env::var("BENCH_CASES_PER_VILLAGE").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let dir = tempfile::tempdir()?;
-    let mut plan = vec![PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![] }];
-    for i in 0..villages.max(1) {
-        plan.push(PlannedNode {
-            name: format!("v{i:04}.gaocheng.dengfeng.zhengzhou.henan.cn"),
-            tier: Tier::Village,
-            parent: Some(COUNTY.into()),
-            experts: vec![],
-        });
-    }
-    let configs = provision(dir.path(), &plan)?;
+    let configs = provision(dir.path(), &county_plan(villages.max(1)))?;
     let county = node::daemon::start(configs[0].clone()).await?;
     let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root)?)?);
     let ecg = Arc::new((0..120 * 1024).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
@@ -267,21 +240,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Phase 2: many villages at once.
     let connect_start = Instant::now();
-    let mut children = Vec::new();
-    for c in configs.iter().skip(1).take(villages) {
-        let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key)?;
-        children.push(Arc::new(
-            PlayedChild::connect(
-                &creds,
-                c.name.as_str().into(),
-                Tier::Village,
-                trust.clone(),
-                COUNTY.into(),
-                county.addr,
-            )
-            .await?,
-        ));
-    }
+    let children = connect_villages(&configs[..=villages], county.addr).await.map_err(|e| anyhow::anyhow!(e))?;
     println!("{} village links up in {:.1} s", children.len(), connect_start.elapsed().as_secs_f64());
     let offers: Vec<Vec<_>> = children
         .iter()

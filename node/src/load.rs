@@ -15,12 +15,53 @@
 //! daemon: it plays peers from outside.
 
 use crate::blobs::BlobStore;
+use crate::config::Config;
+use crate::demo::PlannedNode;
 use crate::loadgen::PlayedChild;
 use crate::store::{AUDIT_TAIL_MAX, Store, StoreError};
+use certs::keys::NodeCredentials;
+use certs::verify::TrustStore;
+use federation_proto::Tier;
 use federation_proto::{CaseId, ContentHash, Modality, Urgency};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The name of the county every load test's villages hang under.
+pub const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
+
+/// A provisioning plan ([`crate::demo::provision`]) of one county ([`COUNTY`]) and
+/// `villages` villages under it, named `v0000…`.
+pub fn county_plan(villages: usize) -> Vec<PlannedNode> {
+    let mut plan = vec![PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![] }];
+    plan.extend((0..villages).map(|i| PlannedNode {
+        name: format!("v{i:04}.gaocheng.dengfeng.zhengzhou.henan.cn"),
+        tier: Tier::Village,
+        parent: Some(COUNTY.into()),
+        experts: vec![],
+    }));
+    plan
+}
+
+/// Links every village of `configs` (as provisioned from [`county_plan`]; the county
+/// first) to the county at `addr`, one after the other.
+pub async fn connect_villages(
+    configs: &[Config],
+    addr: SocketAddr,
+) -> Result<Vec<Arc<PlayedChild>>, Box<dyn std::error::Error + Send + Sync>> {
+    let county = configs.first().ok_or("no county in the plan")?;
+    let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&county.tls.root)?)?);
+    let mut villages = Vec::with_capacity(configs.len().saturating_sub(1));
+    for c in &configs[1..] {
+        let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key)?;
+        let child =
+            PlayedChild::connect(&creds, c.name.as_str().into(), Tier::Village, trust.clone(), COUNTY.into(), addr)
+                .await?;
+        villages.push(Arc::new(child));
+    }
+    Ok(villages)
+}
 
 /// The shape of one load run.
 #[derive(Debug, Clone)]
@@ -128,7 +169,9 @@ async fn village_loop(village: &PlayedChild, profile: &LoadProfile, base: &[u8],
         }
         // The county holds it now (or we gave up): the village need not keep serving it.
         village.forget_attachment(&hash);
-        tokio::time::sleep(think(profile.think_mean)).await;
+        // Never think past the end: the run's wall time ends with its last receipt.
+        let left = stop_at.saturating_duration_since(Instant::now());
+        tokio::time::sleep(think(profile.think_mean).min(left)).await;
     }
     out
 }

@@ -5,49 +5,18 @@
 //! 10-minute, 1,000-village run is `BENCH_DURATION_S=600 cargo run --release -p node
 //! --example bench_county` (docs/benchmarks.md).
 
-use certs::keys::NodeCredentials;
-use certs::verify::TrustStore;
-use federation_proto::Tier;
-use node::demo::{PlannedNode, provision};
-use node::load::{LoadProfile, check_custody, run};
-use node::loadgen::PlayedChild;
-use std::sync::Arc;
+use node::demo::provision;
+use node::load::{LoadProfile, check_custody, connect_villages, county_plan, run};
 use std::time::Duration;
-
-const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_villages_for_twenty_seconds_lose_no_case_and_none_is_taken_twice() {
     let villages: usize = std::env::var("TELEMED_LOAD_VILLAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let secs: u64 = std::env::var("TELEMED_LOAD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let tmp = tempfile::tempdir().unwrap();
-    let mut plan = vec![PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![] }];
-    for i in 0..villages {
-        plan.push(PlannedNode {
-            name: format!("v{i:04}.gaocheng.dengfeng.zhengzhou.henan.cn"),
-            tier: Tier::Village,
-            parent: Some(COUNTY.into()),
-            experts: vec![],
-        });
-    }
-    let configs = provision(tmp.path(), &plan).unwrap();
+    let configs = provision(tmp.path(), &county_plan(villages)).unwrap();
     let county = node::daemon::start(configs[0].clone()).await.unwrap();
-    let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root).unwrap()).unwrap());
-    let mut children = Vec::new();
-    for c in &configs[1..] {
-        let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key).unwrap();
-        let child = PlayedChild::connect(
-            &creds,
-            c.name.as_str().into(),
-            Tier::Village,
-            trust.clone(),
-            COUNTY.into(),
-            county.addr,
-        )
-        .await
-        .unwrap();
-        children.push(Arc::new(child));
-    }
+    let children = connect_villages(&configs, county.addr).await.unwrap();
     let profile = LoadProfile {
         duration: Duration::from_secs(secs),
         think_mean: Duration::from_millis(500),
