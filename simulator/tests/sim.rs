@@ -40,6 +40,25 @@ fn same_seed_gives_the_same_trace_hash_and_another_seed_does_not() {
     assert_ne!(a.trace_hash, c.trace_hash);
 }
 
+/// The traces of small runs, pinned: a change that only makes the engine or the
+/// core cheaper (sharing envelopes and records, caching hashes, faster maps) must
+/// leave every decision, and so the trace, as it was. These values come from the
+/// binary of commit 246dabe (`telemed-sim run simulator/scenarios/NAME.toml --scale
+/// 0.01 --hours 12 --seed 7`). A deliberate change of behaviour updates them, and
+/// says so in its commit.
+#[test]
+fn pinned_traces_are_unchanged_by_speed_work() {
+    for (name, expected) in [
+        ("henan-baseline.toml", "46f70261026836541f20adc9cc0d63ef3f876692aaf935fa3bfc60b874cf90df"),
+        // Crashes and restores: exercises the store the engine keeps for faulty nodes.
+        ("henan-county-outage.toml", "5fc704b32325efc8223ca41054825a22ab7ddcf1eb889e72a0a653db201a3328"),
+        ("henan-township-ecg-model.toml", "acbabcd4e5b5754b420474fb4b3d7c05fb4e4eab73e66c54597080c26d9a5575"),
+    ] {
+        let m = run_ok(bundled(name, 0.01, 12.0), 7).metrics;
+        assert_eq!(m.trace_hash, expected, "trace of {name} changed");
+    }
+}
+
 #[test]
 fn invariants_hold_through_a_county_outage_crash_restarts_and_a_partition() {
     let mut s = bundled("henan-county-outage.toml", 0.01, 12.0);

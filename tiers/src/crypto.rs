@@ -17,7 +17,7 @@
 use ed25519_dalek::SigningKey;
 use federation_proto::{ContentHash, Error, PublicKey, SignedEnvelope};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, DefaultHasher};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Signs and verifies COSE_Sign1 envelopes for one node.
 ///
@@ -86,11 +86,29 @@ impl Crypto for Ed25519Crypto {
 /// in place ([`SignedEnvelope::payload_range`]) without parsing or checking again.
 #[derive(Debug, Clone)]
 pub struct VerifiedEnvelopes {
-    /// A fixed-key hasher: nothing here depends on an unseeded random source (the
-    /// map is never iterated, and its keys are SHA-256 values already).
-    seen: HashMap<ContentHash, (&'static str, PublicKey), BuildHasherDefault<DefaultHasher>>,
+    /// Keys are SHA-256 values, so their leading bytes already are a good hash
+    /// (nothing here depends on an unseeded random source; the map is never iterated).
+    seen: HashMap<ContentHash, (&'static str, PublicKey), BuildHasherDefault<DigestHasher>>,
     order: VecDeque<ContentHash>,
     len_max: usize,
+}
+
+/// A `Hasher` for keys that are cryptographic digests: it keeps (a mix of) the
+/// first eight bytes of each write instead of hashing all of them again.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+    }
 }
 
 impl VerifiedEnvelopes {

@@ -25,6 +25,7 @@ use federation_proto::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// How long an advert this node makes stays valid.
 pub const ADVERT_VALIDITY_MS: u64 = 5 * 60_000;
@@ -252,7 +253,9 @@ pub struct Node {
     public_key: PublicKey,
     /// Envelopes whose signatures were already checked (or made) here.
     verified: VerifiedEnvelopes,
-    cases: BTreeMap<CaseId, CaseRecord>,
+    /// Shared with the `Persist` outputs that carry them: a record is copied only
+    /// when it changes while an earlier output still holds it (`Arc::make_mut`).
+    cases: BTreeMap<CaseId, Arc<CaseRecord>>,
     /// What each case contributes to the counters below, as last indexed.
     index: BTreeMap<CaseId, CaseIndex>,
     counts: Counts,
@@ -346,7 +349,7 @@ impl Node {
                 *next_retry_at = now;
             }
             let held_undecided = matches!(record.status, CaseStatus::Held);
-            node.cases.insert(id, record);
+            node.cases.insert(id, Arc::new(record));
             node.rearm(id);
             if held_undecided {
                 node.decide(now, id);
@@ -368,10 +371,10 @@ impl Node {
         &self.config
     }
     pub fn case(&self, id: &CaseId) -> Option<&CaseRecord> {
-        self.cases.get(id)
+        self.cases.get(id).map(|c| &**c)
     }
     pub fn cases(&self) -> impl Iterator<Item = &CaseRecord> {
-        self.cases.values()
+        self.cases.values().map(|c| &**c)
     }
 
     /// The next output to act on, in order.
@@ -549,7 +552,7 @@ impl Node {
             identity,
         };
         let id = record.info.case_id;
-        self.cases.insert(id, record);
+        self.cases.insert(id, Arc::new(record));
         self.persist(now, id);
         self.emit(Output::Notify(Event::CaseCreated { case_id: id }));
         self.decide(now, id);
@@ -563,7 +566,7 @@ impl Node {
         case_id: CaseId,
         hash: ContentHash,
     ) -> Result<(), ActionError> {
-        let case = self.cases.get_mut(&case_id).ok_or(ActionError::UnknownCase(case_id))?;
+        let case = self.cases.get_mut(&case_id).map(Arc::make_mut).ok_or(ActionError::UnknownCase(case_id))?;
         if !case.info.attachments.iter().any(|a| a.hash == hash) {
             return Err(ActionError::Invalid(format!("{hash:?} is not an attachment of case {case_id}")));
         }
@@ -611,7 +614,7 @@ impl Node {
             at: now,
         };
         let finding = self.sign(content_type::FINDING, &finding)?;
-        let case = self.cases.get_mut(&case_id).expect("checked above");
+        let case = self.cases.get_mut(&case_id).map(Arc::make_mut).expect("checked above");
         if case.findings.len() < self.config.limits.findings_max {
             case.findings.push(finding);
         }
@@ -965,7 +968,7 @@ impl Node {
             }
         }
         for env in &offer.findings {
-            if let Err(e) = self.open::<Finding>(env, content_type::FINDING) {
+            if let Err(e) = self.check::<Finding>(env, content_type::FINDING) {
                 return refuse(self, Some(id), e.reject_code(), format!("finding: {e}"));
             }
         }
@@ -1000,7 +1003,7 @@ impl Node {
         };
         let missing = record.missing_attachments();
         let attachments = record.info.attachments.clone();
-        self.cases.insert(id, record);
+        self.cases.insert(id, Arc::new(record));
         self.persist(now, id);
         self.send(&peer.name, Message::OfferAccept(OfferAccept { case_id: id, missing }));
         if attachments.is_empty() {
@@ -1012,7 +1015,7 @@ impl Node {
     }
 
     fn on_offer_answered(&mut self, peer: &Peer, case_id: CaseId) {
-        if let Some(case) = self.cases.get_mut(&case_id)
+        if let Some(case) = self.cases.get_mut(&case_id).map(Arc::make_mut)
             && let CaseStatus::Forwarding { to, answered, attempts, .. } = &mut case.status
             && *to == peer.name
         {
@@ -1028,7 +1031,7 @@ impl Node {
             detail: reject.detail.clone(),
         }));
         let Some(id) = reject.case_id else { return };
-        let Some(case) = self.cases.get_mut(&id) else { return };
+        let Some(case) = self.cases.get_mut(&id).map(Arc::make_mut) else { return };
         if matches!(&case.status, CaseStatus::Forwarding { to, .. } if *to == peer.name) {
             if !case.refused_by.contains(&peer.name) {
                 case.refused_by.push(peer.name.clone());
@@ -1067,7 +1070,7 @@ impl Node {
         match &case.status {
             CaseStatus::Forwarding { to, hop, .. } if *to == peer.name => {
                 let hop = hop.clone();
-                let case = self.cases.get_mut(&id).expect("present");
+                let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
                 case.trail.push(hop);
                 case.custody_receipt = Some(env);
                 self.set_status(now, id, CaseStatus::Forwarded { to: peer.name.clone(), at: now });
@@ -1121,17 +1124,17 @@ impl Node {
         }
         // Verify the trail and findings from above before keeping them.
         for env in &delivery.trail {
-            if let Err(e) = self.open::<HopRecord>(env, content_type::HOP) {
+            if let Err(e) = self.check::<HopRecord>(env, content_type::HOP) {
                 return Err(self.refuse(&peer.name, Some(id), e.reject_code(), format!("hop record: {e}")));
             }
         }
         for env in &delivery.findings {
-            if let Err(e) = self.open::<Finding>(env, content_type::FINDING) {
+            if let Err(e) = self.check::<Finding>(env, content_type::FINDING) {
                 return Err(self.refuse(&peer.name, Some(id), e.reject_code(), format!("finding: {e}")));
             }
         }
         let limits = self.config.limits.clone();
-        let case = self.cases.get_mut(&id).expect("present");
+        let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
         merge_envelopes(&mut case.trail, delivery.trail, limits.trail_len_max);
         merge_envelopes(&mut case.findings, delivery.findings, limits.findings_max);
         self.emit(Output::Notify(Event::ReportReceived { case_id: id, from: peer.name.clone() }));
@@ -1157,7 +1160,7 @@ impl Node {
         let matches = matches!(&case.report_down, ReportDown::Pending { to, .. } if *to == peer.name)
             && case.report.as_ref().map(|r| r.hash()) == Some(receipt.report_hash);
         if matches {
-            let case = self.cases.get_mut(&id).expect("present");
+            let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
             case.report_down = ReportDown::Acked { to: peer.name.clone(), receipt: env };
             case.updated_at = now;
             self.persist(now, id);
@@ -1204,7 +1207,7 @@ impl Node {
             && let Some(model) = self.config.models.iter().find(|m| m.covers(case.info.modality, &case.info.task))
         {
             let model = model.id.clone();
-            let case = self.cases.get_mut(&id).expect("present");
+            let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
             case.model_tried = true;
             self.set_status(now, id, CaseStatus::AwaitingModel { model: model.clone() });
             self.emit(Output::RunModel { case_id: id, model });
@@ -1306,7 +1309,7 @@ impl Node {
             Ok(h) => h,
             Err(_) => unreachable!("a hop record always encodes"),
         };
-        let case = self.cases.get_mut(&id).expect("present");
+        let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
         if !case.offered_to.contains(&target.name) {
             case.offered_to.push(target.name.clone());
         }
@@ -1339,7 +1342,7 @@ impl Node {
 
     /// Stores a report and sends it one tier down (or keeps it, at the origin).
     fn accept_report(&mut self, now: Millis, id: CaseId, report: SignedEnvelope) {
-        let case = self.cases.get_mut(&id).expect("present");
+        let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
         case.report = Some(report);
         case.report_down = match &case.came_from {
             None => ReportDown::AtOrigin,
@@ -1461,7 +1464,7 @@ impl Node {
             let spread = base * retry.jitter_permille / 1000;
             base - spread + if spread == 0 { 0 } else { jitter % (2 * spread + 1) }
         };
-        let case = self.cases.get_mut(&id).expect("present");
+        let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
         if let CaseStatus::Forwarding { attempts, next_retry_at, .. } = &mut case.status {
             *next_retry_at = now.saturating_add(delay(*attempts));
             *attempts = attempts.saturating_add(1);
@@ -1498,7 +1501,7 @@ impl Node {
     // ----- helpers -----
 
     fn set_status(&mut self, now: Millis, id: CaseId, status: CaseStatus) {
-        let case = self.cases.get_mut(&id).expect("present");
+        let case = self.cases.get_mut(&id).map(Arc::make_mut).expect("present");
         case.status = status;
         case.updated_at = now;
         self.persist(now, id);
@@ -1507,8 +1510,8 @@ impl Node {
 
     fn persist(&mut self, _now: Millis, id: CaseId) {
         self.reindex(id);
-        let record = self.cases[&id].clone();
-        self.emit(Output::Persist(Change::PutCase(Box::new(record))));
+        let record = Arc::clone(&self.cases[&id]);
+        self.emit(Output::Persist(Change::PutCase(record)));
     }
 
     fn emit(&mut self, output: Output) {
@@ -1559,31 +1562,52 @@ impl Node {
         self.crypto.sign(content_type, payload).map_err(|e| ActionError::Signing(e.to_string()))
     }
 
-    /// Verifies `env` under `content_type` once per node: bytes verified here before
-    /// (found by hash) are read in place, anything else goes to the [`Crypto`].
-    /// Returns the signer and the payload, not yet decoded.
+    /// Verifies `env` under `content_type` once per node: bytes verified (and
+    /// decoded) here before, found by hash, are read in place; anything else goes
+    /// to the [`Crypto`]. Returns the signer, the payload (not yet decoded), and
+    /// whether the bytes are new here (the caller remembers them once they decode).
     fn verify<'e>(
         &mut self,
         env: &'e SignedEnvelope,
         content_type: &'static str,
-    ) -> Result<(PublicKey, std::borrow::Cow<'e, [u8]>), federation_proto::Error> {
+    ) -> Result<(PublicKey, std::borrow::Cow<'e, [u8]>, bool), federation_proto::Error> {
         let hash = env.hash();
         if let Some(signer) = self.verified.get(&hash, content_type) {
-            return Ok((signer, std::borrow::Cow::Borrowed(&env.as_bytes()[env.payload_range()?])));
+            return Ok((signer, std::borrow::Cow::Borrowed(&env.as_bytes()[env.payload_range()?]), false));
         }
         let (signer, payload) = self.crypto.verify_hashed(env, &hash, content_type)?;
-        self.verified.insert(hash, content_type, signer);
-        Ok((signer, std::borrow::Cow::Owned(payload)))
+        Ok((signer, std::borrow::Cow::Owned(payload), true))
     }
 
-    /// Verifies (see [`Node::verify`]), then decodes the payload.
+    /// Verifies (see [`Node::verify`]), then decodes the payload. Bytes that verify
+    /// and decode are remembered, so the memory of verified envelopes only holds
+    /// envelopes whose body decodes as the content type's type (each content type
+    /// is opened as one type here).
     fn open<T: DeserializeOwned>(
         &mut self,
         env: &SignedEnvelope,
         content_type: &'static str,
     ) -> Result<Verified<T>, federation_proto::Error> {
-        let (signer, payload) = self.verify(env, content_type)?;
-        Ok(Verified { signer, body: federation_proto::codec::from_cbor(&payload)? })
+        let (signer, payload, new) = self.verify(env, content_type)?;
+        let body = federation_proto::codec::from_cbor(&payload)?;
+        if new {
+            self.verified.insert(env.hash(), content_type, signer);
+        }
+        Ok(Verified { signer, body })
+    }
+
+    /// Checks that `env` verifies under `content_type` and that its body decodes as
+    /// `T`, for envelopes kept but not read (a trail's earlier hops, findings).
+    /// Bytes that passed this here before are not decoded again.
+    fn check<T: DeserializeOwned>(
+        &mut self,
+        env: &SignedEnvelope,
+        content_type: &'static str,
+    ) -> Result<PublicKey, federation_proto::Error> {
+        if let Some(signer) = self.verified.get(&env.hash(), content_type) {
+            return Ok(signer);
+        }
+        self.open::<T>(env, content_type).map(|v| v.signer)
     }
 
     /// [`Node::open`], refusing bytes signed by anyone but `expected` before decoding.
@@ -1593,11 +1617,15 @@ impl Node {
         content_type: &'static str,
         expected: &PublicKey,
     ) -> Result<T, federation_proto::Error> {
-        let (signer, payload) = self.verify(env, content_type)?;
+        let (signer, payload, new) = self.verify(env, content_type)?;
         if signer != *expected {
             return Err(federation_proto::Error::UnexpectedSigner { expected: *expected, found: signer });
         }
-        federation_proto::codec::from_cbor(&payload)
+        let body = federation_proto::codec::from_cbor(&payload)?;
+        if new {
+            self.verified.insert(env.hash(), content_type, signer);
+        }
+        Ok(body)
     }
 
     fn wrong_state(&self, case_id: CaseId, action: &'static str) -> ActionError {
@@ -1632,7 +1660,18 @@ impl Node {
 
     /// Brings the counters up to date with case `id`'s current state (or its absence).
     fn reindex(&mut self, id: CaseId) {
-        let new = self.cases.get(&id).map(CaseIndex::of);
+        // Most calls find the case contributing what it did (a persist and a rearm
+        // of the same change): tell that without building a new index.
+        let unchanged = match (self.cases.get(&id), self.index.get(&id)) {
+            (Some(case), Some(old)) => old.describes(case),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            debug_assert_eq!(self.cases.get(&id).map(|c| CaseIndex::of(c)).as_ref(), self.index.get(&id));
+            return;
+        }
+        let new = self.cases.get(&id).map(|c| CaseIndex::of(c));
         let old = match &new {
             Some(new) => self.index.insert(id, new.clone()),
             None => self.index.remove(&id),
@@ -1710,6 +1749,28 @@ impl CaseIndex {
             no_capacity: matches!(case.status, CaseStatus::NoCapacity { .. }),
             waits_on,
         }
+    }
+}
+
+impl CaseIndex {
+    /// Whether [`CaseIndex::of`] `case` would be `self` (without allocating).
+    fn describes(&self, case: &CaseRecord) -> bool {
+        let queued =
+            matches!(case.status, CaseStatus::Queued { .. } | CaseStatus::Claimed { .. }).then_some(case.info.modality);
+        let forwarding_to = match &case.status {
+            CaseStatus::Forwarding { to, .. } => Some(to),
+            _ => None,
+        };
+        let report_to = match &case.report_down {
+            ReportDown::Pending { to, .. } if Some(to) != forwarding_to => Some(to),
+            _ => None,
+        };
+        let mut expected = forwarding_to.into_iter().chain(report_to);
+        self.queued == queued
+            && self.active == case.is_active()
+            && self.no_capacity == matches!(case.status, CaseStatus::NoCapacity { .. })
+            && self.waits_on.iter().all(|w| expected.next() == Some(w))
+            && expected.next().is_none()
     }
 }
 

@@ -8,12 +8,14 @@
 use crate::case::CaseRecord;
 use federation_proto::CaseId;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One change to make durable.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// Insert or replace the whole record of one case.
-    PutCase(Box<CaseRecord>),
+    /// Insert or replace the whole record of one case. Shared with the core, which
+    /// copies the record only if it changes while this change is still held.
+    PutCase(Arc<CaseRecord>),
 }
 
 /// Storage of case records, as the node's data plane implements it.

@@ -148,8 +148,9 @@ enum Command {
 #[cfg(feature = "models")]
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Train a model from its seeded synthetic data and write its safetensors file
-    /// (the shipped weights are exactly what `--seed 1` writes).
+    /// Train a model from its seeded synthetic data plus the training part of the
+    /// real recordings, and write its safetensors file (the shipped weights are
+    /// exactly what `--seed 1` writes with the repository's testdata/).
     Train {
         /// ecg, imaging or pathology.
         kind: node::models::ModelKind,
@@ -157,6 +158,10 @@ enum ModelsCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Directory holding the real recordings of DESIGN.md §8 (default: the
+        /// repository's testdata/, or $TELEMED_TESTDATA).
+        #[arg(long)]
+        real_data: Option<PathBuf>,
     },
     /// Measure inference time of the shipped models on this machine.
     Bench {
@@ -403,8 +408,9 @@ async fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "models")]
         Command::Models { command } => match command {
-            ModelsCommand::Train { kind, out, seed } => {
-                print!("{}", node::models::cli::train(kind, &out, seed).map_err(anyhow::Error::msg)?)
+            ModelsCommand::Train { kind, out, seed, real_data } => {
+                let real = real_data.unwrap_or_else(node::demo::testdata_dir);
+                print!("{}", node::models::cli::train(kind, &out, seed, &real).map_err(anyhow::Error::msg)?)
             }
             ModelsCommand::Bench { iterations } => {
                 print!("{}", node::models::cli::bench(iterations).map_err(anyhow::Error::msg)?)

@@ -8,22 +8,35 @@ use super::{ModelKind, ecg, version_of};
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Trains `kind` with `seed`, writes `DIR/KIND.safetensors`, and returns a Markdown
-/// summary of the held-out metrics (what the model card quotes).
-pub fn train(kind: ModelKind, out: &Path, seed: u64) -> Result<String, String> {
+/// Trains `kind` with `seed` on its synthetic data plus the training part of the real
+/// files in `real_data` ([`super::real`]), writes `DIR/KIND.safetensors`, and returns
+/// a Markdown summary of the held-out metrics, synthetic and real (what the model
+/// card quotes).
+pub fn train(kind: ModelKind, out: &Path, seed: u64, real_data: &Path) -> Result<String, String> {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let started = std::time::Instant::now();
     let (bytes, report) = match kind {
         ModelKind::Ecg => {
-            let t = ecg::EcgTraining { seed, ..Default::default() };
+            let real = super::real::ecg_examples(real_data, seed)?;
+            let real_count = real.1.len();
+            let t = ecg::EcgTraining { seed, real, ..Default::default() };
             let trained = ecg::train(&t).map_err(|e| e.to_string())?;
             let bytes = trained.model.mlp.to_safetensors().map_err(|e| e.to_string())?;
             let names: Vec<&str> = super::synth::Rhythm::ALL.iter().map(|r| r.label()).collect();
             let report = metrics_table(&names, &trained.before, &trained.after, trained.model.mlp.temperature);
-            (bytes, format!("records: {} synthetic 10 s windows (seed {seed})\n{report}", t.records))
+            (
+                bytes,
+                format!(
+                    "records: {} synthetic 10 s windows plus {real_count} augmented real windows (seed {seed})\n\
+                 synthetic test split:\n{report}",
+                    t.records
+                ),
+            )
         }
         ModelKind::Imaging => {
-            let t = super::imaging::ImagingTraining { seed, ..Default::default() };
+            let real = super::real::imaging_examples(real_data, seed)?;
+            let real_count = real.1.len();
+            let t = super::imaging::ImagingTraining { seed, real, ..Default::default() };
             let tr = super::imaging::train(&t).map_err(|e| e.to_string())?;
             let bytes = tr.model.to_bytes().map_err(|e| e.to_string())?;
             let kind =
@@ -36,11 +49,17 @@ pub fn train(kind: ModelKind, out: &Path, seed: u64) -> Result<String, String> {
             );
             (
                 bytes,
-                format!("images: {} synthetic phantoms (seed {seed})\n\nkind:\n{kind}\nquality:\n{quality}", t.images),
+                format!(
+                    "images: {} synthetic phantoms plus {real_count} augmented real images (seed {seed})\n\n\
+                     synthetic test split, kind:\n{kind}\nquality:\n{quality}",
+                    t.images
+                ),
             )
         }
         ModelKind::Pathology => {
-            let t = super::pathology::PathologyTraining { seed, ..Default::default() };
+            let real = super::real::tile_examples(real_data, seed)?;
+            let real_count = real.1.len();
+            let t = super::pathology::PathologyTraining { seed, real, ..Default::default() };
             let tr = super::pathology::train(&t).map_err(|e| e.to_string())?;
             let bytes = tr.model.to_bytes().map_err(|e| e.to_string())?;
             let tissue = metrics_table(
@@ -57,10 +76,15 @@ pub fn train(kind: ModelKind, out: &Path, seed: u64) -> Result<String, String> {
             );
             (
                 bytes,
-                format!("tiles: {} synthetic tiles (seed {seed})\n\ntissue:\n{tissue}\nquality:\n{quality}", t.tiles),
+                format!(
+                    "tiles: {} synthetic tiles plus {real_count} augmented real tiles (seed {seed})\n\n\
+                     synthetic test split, tissue:\n{tissue}\nquality:\n{quality}",
+                    t.tiles
+                ),
             )
         }
     };
+    let report = format!("{report}\n{}", super::real::held_out_report(kind, &bytes, real_data)?);
     let path = out.join(kind.file_name());
     std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(format!(

@@ -384,11 +384,14 @@ pub struct EcgTraining {
     pub seed: u64,
     pub records: u64,
     pub epochs: usize,
+    /// Real training examples added to the synthetic training split
+    /// ([`super::real::ecg_examples`]); calibration and the test split stay synthetic.
+    pub real: super::real::Examples,
 }
 
 impl Default for EcgTraining {
     fn default() -> Self {
-        EcgTraining { seed: 1, records: 3000, epochs: 600 }
+        EcgTraining { seed: 1, records: 3000, epochs: 600, real: Default::default() }
     }
 }
 
@@ -416,7 +419,9 @@ pub fn dataset(seed: u64, records: u64, split: Split) -> (Vec<Vec<f32>>, Vec<u32
 
 /// Trains, calibrates and measures the ECG model.
 pub fn train(t: &EcgTraining) -> Result<Trained, ModelError> {
-    let (xtr, ytr) = dataset(t.seed, t.records, Split::Train);
+    let (mut xtr, mut ytr) = dataset(t.seed, t.records, Split::Train);
+    xtr.extend(t.real.0.iter().cloned());
+    ytr.extend(t.real.1.iter().copied());
     let (xca, yca) = dataset(t.seed, t.records, Split::Calibrate);
     let (xte, yte) = dataset(t.seed, t.records, Split::Test);
     let spec =

@@ -574,11 +574,14 @@ pub struct ImagingTraining {
     pub seed: u64,
     pub images: u64,
     pub epochs: usize,
+    /// Real training examples for the first head ([`super::real`]); calibration and
+    /// the test split stay synthetic.
+    pub real: super::real::Examples,
 }
 
 impl Default for ImagingTraining {
     fn default() -> Self {
-        ImagingTraining { seed: 1, images: 2400, epochs: 300 }
+        ImagingTraining { seed: 1, images: 2400, epochs: 300, real: Default::default() }
     }
 }
 
@@ -616,10 +619,14 @@ pub fn dataset(seed: u64, images: u64, split: super::ecg::Split) -> (Vec<Vec<f32
 pub fn train(t: &ImagingTraining) -> Result<TrainedImaging, ModelError> {
     use super::ecg::Split;
     let (xtr, ktr, qtr) = dataset(t.seed, t.images, Split::Train);
+    // Real images train the kind head only (their quality is not labelled).
+    let (mut xk, mut kk) = (xtr.clone(), ktr.clone());
+    xk.extend(t.real.0.iter().cloned());
+    kk.extend(t.real.1.iter().copied());
     let (xca, kca, qca) = dataset(t.seed, t.images, Split::Calibrate);
     let (xte, kte, qte) = dataset(t.seed, t.images, Split::Test);
     let spec = TrainSpec { hidden: vec![32], epochs: t.epochs, learning_rate: 0.01, weight_decay: 1e-3, seed: t.seed };
-    let mut kind = Mlp::train(&xtr, &ktr, KINDS.len(), &spec)?;
+    let mut kind = Mlp::train(&xk, &kk, KINDS.len(), &spec)?;
     let mut quality = Mlp::train(&xtr, &qtr, QUALITY.len(), &TrainSpec { seed: t.seed + 1, ..spec })?;
     let kind_before = Metrics::of(&kind.predict(&xte)?, &kte, KINDS.len());
     let quality_before = Metrics::of(&quality.predict(&xte)?, &qte, QUALITY.len());

@@ -22,6 +22,7 @@ pub mod inputs;
 pub mod local;
 pub mod mlp;
 pub mod pathology;
+pub mod real;
 pub mod synth;
 
 use federation_proto::Modality;
@@ -108,7 +109,7 @@ mod tests {
         let model = ecg::EcgModel::shipped().unwrap();
         let (x, y): (Vec<_>, Vec<_>) = held_out(40, |i| ecg::example(1, i)).into_iter().unzip();
         let m = mlp::Metrics::of(&model.mlp.predict(&x).unwrap(), &y, 5);
-        // The card: accuracy 0.975 on all 432 test records.
+        // The card: accuracy 0.977 on all 432 test records.
         assert!(m.accuracy >= 0.9, "{m:?}");
     }
 
@@ -134,15 +135,14 @@ mod tests {
         assert_ne!(version_of(ModelKind::Ecg, b"a"), version_of(ModelKind::Ecg, b"b"));
     }
 
-    /// Retrains every model with the shipped seed and checks the bytes are the
-    /// shipped ones. Minutes of CPU in a debug build, so run on demand:
-    /// `cargo test -p node --release --lib retraining -- --ignored`.
+    /// Retrains every model with the shipped seed (synthetic data plus the real
+    /// training parts) and checks the bytes are the shipped ones. About two and a
+    /// half minutes of CPU in a debug build on the 2-core machine.
     #[test]
-    #[ignore = "retrains all three models (minutes); run with --ignored, preferably --release"]
     fn retraining_with_the_shipped_seed_reproduces_the_shipped_weights() {
         let dir = tempfile::tempdir().unwrap();
         for kind in ModelKind::ALL {
-            cli::train(kind, dir.path(), 1).unwrap();
+            cli::train(kind, dir.path(), 1, &crate::demo::testdata_dir()).unwrap();
             let bytes = std::fs::read(dir.path().join(kind.file_name())).unwrap();
             assert!(bytes == kind.shipped_weights(), "{} weights differ from the shipped ones", kind.name());
         }

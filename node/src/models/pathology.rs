@@ -307,11 +307,14 @@ pub struct PathologyTraining {
     pub seed: u64,
     pub tiles: u64,
     pub epochs: usize,
+    /// Real training examples for the first head ([`super::real`]); calibration and
+    /// the test split stay synthetic.
+    pub real: super::real::Examples,
 }
 
 impl Default for PathologyTraining {
     fn default() -> Self {
-        PathologyTraining { seed: 1, tiles: 2400, epochs: 300 }
+        PathologyTraining { seed: 1, tiles: 2400, epochs: 300, real: Default::default() }
     }
 }
 
@@ -348,10 +351,14 @@ fn dataset(seed: u64, n: u64, split: Split) -> (Vec<Vec<f32>>, Vec<u32>, Vec<u32
 
 pub fn train(t: &PathologyTraining) -> Result<TrainedPathology, ModelError> {
     let (xtr, ttr, qtr) = dataset(t.seed, t.tiles, Split::Train);
+    // Real tiles train the tissue head only (their quality is not labelled).
+    let (mut xt, mut tt) = (xtr.clone(), ttr.clone());
+    xt.extend(t.real.0.iter().cloned());
+    tt.extend(t.real.1.iter().copied());
     let (xca, tca, qca) = dataset(t.seed, t.tiles, Split::Calibrate);
     let (xte, tte, qte) = dataset(t.seed, t.tiles, Split::Test);
     let spec = TrainSpec { hidden: vec![24], epochs: t.epochs, learning_rate: 0.01, weight_decay: 1e-3, seed: t.seed };
-    let mut tissue = Mlp::train(&xtr, &ttr, TISSUE.len(), &spec)?;
+    let mut tissue = Mlp::train(&xt, &tt, TISSUE.len(), &spec)?;
     let mut quality = Mlp::train(&xtr, &qtr, QUALITY.len(), &TrainSpec { seed: t.seed + 1, ..spec })?;
     let tissue_before = Metrics::of(&tissue.predict(&xte)?, &tte, TISSUE.len());
     let quality_before = Metrics::of(&quality.predict(&xte)?, &qte, QUALITY.len());

@@ -34,6 +34,11 @@ fn mit_bih_record_208_shows_ectopic_beats() {
     assert!(pvc_windows >= 15, "PVC found in only {pvc_windows} of 30 windows: {:?}", read.windows_per_class);
     assert_eq!(read.top().0, Rhythm::Ectopic, "{:?}", read.probs);
     assert_eq!(read.windows_per_class[Rhythm::AtrialFibrillation as usize], 0);
+    // The second half never trained the model (node::models::real): judge it alone.
+    let held_out: Vec<_> = read.windows.iter().filter(|w| w.start_s >= node::models::real::ECG_TRAIN_SECONDS).collect();
+    assert_eq!(held_out.len(), 15);
+    let pvc = held_out.iter().filter(|w| node::models::mlp::argmax(&w.probs).0 == Rhythm::Ectopic as usize).count();
+    assert!(pvc >= 12, "PVC found in only {pvc} of the 15 held-out windows");
 }
 
 #[test]
@@ -124,6 +129,9 @@ fn pydicom_data_chest_radiograph_is_recognised_as_a_chest_xray() {
     let tibia = node::models::inputs::load(&testdata("RG3_J2KI.dcm")).unwrap();
     let read = model.read_input(&tibia).unwrap();
     assert!(read.labels[0].label != "chest_xray" || read.labels[0].confidence <= 0.5, "{read:?}");
+    // Pixels and header agree it is "other": said so, not reported as a contradiction.
+    assert!(read.summary.starts_with("not an image this model reads (other"), "{}", read.summary);
+    assert!(read.labels.iter().all(|l| !l.label.starts_with("dicom_header_says")), "{read:?}");
 }
 
 #[test]
@@ -135,7 +143,9 @@ fn cmu_slide_tissue_tiles_are_told_apart_from_background() {
     let reads = model.read(&tiles.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>()).unwrap();
     // Reference labels by the documented rule; tiles in between are left out.
     let (mut agree, mut tissue, mut background) = (0, 0, 0);
-    for ((_, t), r) in tiles.iter().zip(&reads) {
+    let (mut held_out, mut held_out_agree) = (0, 0);
+    let columns = tiles.iter().map(|((x, _), _)| x + 1).max().unwrap();
+    for (((x, _), t), r) in tiles.iter().zip(&reads) {
         let share = tissue_share_by_rule(t);
         let truth = if share >= 0.5 {
             tissue += 1;
@@ -149,7 +159,14 @@ fn cmu_slide_tissue_tiles_are_told_apart_from_background() {
         if r.is_tissue() == truth {
             agree += 1;
         }
+        // The right half of the grid never trained the model (node::models::real).
+        if !node::models::real::tile_trains(*x, columns) {
+            held_out += 1;
+            held_out_agree += (r.is_tissue() == truth) as usize;
+        }
     }
+    assert!(held_out >= 20, "only {held_out} clear held-out tiles");
+    assert!(held_out_agree as f32 >= 0.95 * held_out as f32, "held out: agree on {held_out_agree} of {held_out}");
     let clear = tissue + background;
     eprintln!("tiles {}: tissue {tissue}, background {background}, agree {agree}", tiles.len());
     assert!(tissue >= 10 && background >= 10, "the slide has both: tissue {tissue}, background {background}");

@@ -131,7 +131,7 @@ fn records(h: &Harness, node: &str) -> Vec<CaseRecord> {
 }
 
 fn put(record: &CaseRecord) -> Change {
-    Change::PutCase(Box::new(record.clone()))
+    Change::PutCase(std::sync::Arc::new(record.clone()))
 }
 
 async fn apply_load_and_case_round_trip(backend: Backend) {

@@ -14,6 +14,11 @@ use simulator::{Engine, Metrics, erlang, report};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+/// mimalloc: a run allocates and frees millions of small records, envelopes and
+/// events; the system allocator was a sixth of a run (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "telemed-sim", version, about = "Deterministic topology simulator of the telemedicine federation")]
 struct Cli {
