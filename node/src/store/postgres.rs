@@ -193,7 +193,7 @@ impl PgStore {
     }
 
     async fn put_case(&self, record: &CaseRecord) -> Result<(), StoreError> {
-        self.commit(&[Write::Change(Change::PutCase(Box::new(record.clone())))]).await
+        self.commit(&[Write::Change(Change::PutCase(Arc::new(record.clone())))]).await
     }
 
     /// See [`super::Store::commit`]: one transaction holding the audit lock, one flush.
