@@ -8,7 +8,7 @@
 //! This module must never read from a socket or file itself: callers hand it bytes.
 
 use crate::Error;
-use crate::messages::Message;
+use crate::messages::{ChunkResponse, Message};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -77,6 +77,169 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, Error> {
     frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     frame.extend_from_slice(&payload);
     Ok(frame)
+}
+
+/// Encodes a `ChunkResponse` frame without passing its data through the CBOR
+/// encoder: returns the frame's first bytes (length prefix, CBOR up to and including
+/// the data's byte-string header); the complete frame is these bytes followed by
+/// `resp.data`. Byte for byte what [`encode_frame`] gives for
+/// `Message::ChunkResponse(resp)` (tested), with two copies of the data fewer.
+pub fn chunk_response_frame_head(resp: &ChunkResponse) -> Result<Vec<u8>, Error> {
+    let empty = ChunkResponse {
+        hash: resp.hash,
+        offset: resp.offset,
+        total_size: resp.total_size,
+        chunk_hash: resp.chunk_hash,
+        data: Vec::new(),
+    };
+    let mut payload = to_cbor(&Message::ChunkResponse(empty))?;
+    // `data` is the last field of the last (only) variant's map: an empty byte string.
+    if payload.pop() != Some(EMPTY_BYTES) {
+        return Err(Error::Encode("chunk_response does not end with its data".into()));
+    }
+    push_bytes_header(&mut payload, resp.data.len() as u64);
+    let len = payload.len() + resp.data.len();
+    if len > FRAME_LEN_MAX {
+        return Err(Error::FrameTooLarge { len: len as u64, max: FRAME_LEN_MAX });
+    }
+    let mut head = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    head.extend_from_slice(&payload);
+    Ok(head)
+}
+
+/// Decodes a frame payload as [`decode`] does, taking it by value: the data of a
+/// `ChunkResponse` (its last item) is moved out of `payload` instead of being copied
+/// through the CBOR decoder. Accepts and refuses exactly what [`decode`] does: the
+/// fast path applies only to a payload whose last item is the `data` byte string
+/// ending the payload, and everything before it is decoded by [`decode`] (with an
+/// empty byte string in place of the data); anything else is decoded by [`decode`].
+pub fn decode_owned(mut payload: Vec<u8>) -> Result<Message, Error> {
+    let Some((value_at, data_at)) = chunk_response_data_at(&payload) else {
+        return decode(&payload);
+    };
+    let mut head = Vec::with_capacity(value_at + 1);
+    head.extend_from_slice(&payload[..value_at]);
+    head.push(EMPTY_BYTES);
+    match decode(&head) {
+        Ok(Message::ChunkResponse(mut resp)) if resp.data.is_empty() => {
+            payload.drain(..data_at);
+            resp.data = payload;
+            Ok(Message::ChunkResponse(resp))
+        }
+        // Refused (or not what the walk saw): let the plain decoder say why.
+        _ => decode(&payload),
+    }
+}
+
+/// CBOR's empty byte string.
+const EMPTY_BYTES: u8 = 0x40;
+
+fn push_bytes_header(out: &mut Vec<u8>, len: u64) {
+    // The shortest form, as ciborium writes it.
+    match len {
+        0..=23 => out.push(EMPTY_BYTES | len as u8),
+        24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
+        0x100..=0xffff => {
+            out.push(0x59);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0x5a);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(0x5b);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+}
+
+/// If `payload` is `{"chunk_response": {..., "data": <bytes>}}` with the data's
+/// definite-length byte string ending the payload: where that value starts and
+/// where its bytes start. `None` for anything else (then the plain decoder runs).
+fn chunk_response_data_at(payload: &[u8]) -> Option<(usize, usize)> {
+    let mut at = 0;
+    let (major, n) = head(payload, &mut at)?;
+    if major != 5 || n != 1 {
+        return None;
+    }
+    if text(payload, &mut at)? != b"chunk_response" {
+        return None;
+    }
+    let (major, pairs) = head(payload, &mut at)?;
+    if major != 5 || pairs == 0 {
+        return None;
+    }
+    for _ in 0..pairs - 1 {
+        skip(payload, &mut at, 0)?;
+        skip(payload, &mut at, 0)?;
+    }
+    if text(payload, &mut at)? != b"data" {
+        return None;
+    }
+    let value_at = at;
+    let (major, len) = head(payload, &mut at)?;
+    (major == 2 && (payload.len() - at) as u64 == len).then_some((value_at, at))
+}
+
+/// Reads an item's initial byte and argument: (major type, argument). Refuses
+/// indefinite lengths and reserved values (the plain decoder then decides).
+fn head(buf: &[u8], at: &mut usize) -> Option<(u8, u64)> {
+    let first = *buf.get(*at)?;
+    *at += 1;
+    let (major, info) = (first >> 5, first & 0x1f);
+    let n = match info {
+        0..=23 => u64::from(info),
+        24..=27 => {
+            let len = 1usize << (info - 24);
+            let bytes = buf.get(*at..*at + len)?;
+            *at += len;
+            bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+        }
+        _ => return None,
+    };
+    Some((major, n))
+}
+
+fn text<'a>(buf: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+    let (major, len) = head(buf, at)?;
+    if major != 3 {
+        return None;
+    }
+    let end = at.checked_add(usize::try_from(len).ok()?)?;
+    let s = buf.get(*at..end)?;
+    *at = end;
+    Some(s)
+}
+
+/// Skips one well-formed, definite-length item.
+fn skip(buf: &[u8], at: &mut usize, depth: usize) -> Option<()> {
+    if depth > RECURSION_LIMIT {
+        return None;
+    }
+    let (major, n) = head(buf, at)?;
+    match major {
+        0 | 1 | 7 => {}
+        2 | 3 => {
+            *at = at.checked_add(usize::try_from(n).ok()?)?;
+            if *at > buf.len() {
+                return None;
+            }
+        }
+        4 | 5 => {
+            let items = if major == 5 { n.checked_mul(2)? } else { n };
+            if items > buf.len() as u64 {
+                return None;
+            }
+            for _ in 0..items {
+                skip(buf, at, depth + 1)?;
+            }
+        }
+        6 => skip(buf, at, depth + 1)?,
+        _ => return None,
+    }
+    Some(())
 }
 
 /// Reads a frame header and returns the payload length, refusing one over the limit.

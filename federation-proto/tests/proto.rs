@@ -2058,3 +2058,66 @@ fn errors_map_to_the_reject_code_the_peer_receives() {
         assert_eq!(err.reject_code(), RejectCode::Malformed, "{err}");
     }
 }
+
+// --- the ChunkResponse fast paths (no copy of the data through CBOR) ----------------
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The frame head plus the data is exactly `encode_frame`, at every data length
+    /// class of the CBOR byte-string header (0..=23, 1-, 2-, 4-byte lengths).
+    #[test]
+    fn chunk_response_frame_head_plus_data_is_encode_frame(
+        hash in arb_hash(),
+        chunk_hash in arb_hash(),
+        offset in any::<u64>(),
+        total_size in any::<u64>(),
+        len in prop_oneof![0usize..=23, 24usize..=300, 60_000usize..70_000, Just(CHUNK_LEN_MAX as usize)],
+        fill in any::<u8>(),
+    ) {
+        let resp = ChunkResponse { hash, offset, total_size, chunk_hash, data: vec![fill; len] };
+        let mut fast = codec::chunk_response_frame_head(&resp).unwrap();
+        fast.extend_from_slice(&resp.data);
+        prop_assert_eq!(&fast, &encode_frame(&Message::ChunkResponse(resp.clone())).unwrap());
+        let payload = fast[FRAME_HEADER_LEN..].to_vec();
+        prop_assert_eq!(codec::decode_owned(payload).unwrap(), Message::ChunkResponse(resp));
+    }
+
+    /// `decode_owned` accepts and refuses exactly what `decode` does, whatever the
+    /// bytes: a chunk response with any byte changed, cut or extended.
+    #[test]
+    fn decode_owned_agrees_with_decode_on_damaged_chunk_responses(
+        at in any::<Index>(),
+        byte in any::<u8>(),
+        cut in any::<Index>(),
+        extra in prop::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let resp = ChunkResponse {
+            hash: ContentHash([3; 32]),
+            offset: 7,
+            total_size: 9_000,
+            chunk_hash: ContentHash([4; 32]),
+            data: (0..300u32).map(|i| i as u8).collect(),
+        };
+        let good = encode(&Message::ChunkResponse(resp)).unwrap();
+        let mut changed = good.clone();
+        changed[at.index(good.len())] = byte;
+        let mut cut_short = good.clone();
+        cut_short.truncate(cut.index(good.len()));
+        let mut longer = good.clone();
+        longer.extend_from_slice(&extra);
+        for payload in [changed, cut_short, longer] {
+            let plain = decode(&payload).map_err(|e| e.to_string());
+            let owned = codec::decode_owned(payload.clone()).map_err(|e| e.to_string());
+            prop_assert_eq!(owned, plain);
+        }
+    }
+}
+
+#[test]
+fn decode_owned_decodes_every_golden_message_as_decode_does() {
+    for msg in golden_messages() {
+        let payload = encode(&msg).unwrap();
+        assert_eq!(codec::decode_owned(payload.clone()).unwrap(), decode(&payload).unwrap());
+    }
+}

@@ -11,16 +11,25 @@
 //! Run: `cargo run --release -p node --example bench_county` (env: BENCH_VILLAGES,
 //! BENCH_CASES_PER_VILLAGE). Peak RSS is the whole process: the county node and all
 //! the played villages together.
+//!
+//! Duration mode (issue #10, load): with `BENCH_DURATION_S` set, only a timed load
+//! run is made (`node::load`): BENCH_VILLAGES villages (default 1000) each offer a
+//! case, wait for its receipt, think for an exponential time of mean
+//! `BENCH_THINK_MS` (default 10000), and again, for BENCH_DURATION_S seconds. The
+//! county runs in its own process (this example re-executed with
+//! `BENCH_COUNTY_CONFIG`), so its RSS is measured alone (sampled every second from
+//! /proc); at the end the county is stopped and its store checked case by case
+//! (`node::load::check_custody`). Each village is one UDP socket, so raise
+//! `ulimit -n` above BENCH_VILLAGES + 100.
 
 use certs::keys::NodeCredentials;
 use certs::verify::TrustStore;
 use federation_proto::{CaseId, Modality, Tier, Urgency};
-use node::demo::{PlannedNode, provision};
+use node::demo::provision;
+use node::load::{COUNTY, connect_villages, county_plan};
 use node::loadgen::PlayedChild;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const COUNTY: &str = "dengfeng.zhengzhou.henan.cn";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -34,21 +43,163 @@ fn vm_hwm_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `VmRSS` or `VmHWM` (peak) of process `pid` in MiB.
+fn proc_mib(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.to_owned()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The county's process in duration mode: runs the node from the JSON config until
+/// stdin closes.
+async fn run_county(config_path: &str) -> anyhow::Result<()> {
+    let config: node::config::Config = serde_json::from_str(&std::fs::read_to_string(config_path)?)?;
+    let county = node::daemon::start(config).await?;
+    println!("LISTENING {}", county.addr);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await?;
+    county.shutdown().await?;
+    Ok(())
+}
+
+/// Duration mode: see the module docs.
+async fn duration_mode(secs: u64) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let villages: usize = env_or("BENCH_VILLAGES", 1000);
+    let think_ms: u64 = env_or("BENCH_THINK_MS", 10_000);
+    let attachment_len: usize = env_or("BENCH_ATTACHMENT_BYTES", 120 * 1024);
+    let dir = match std::env::var("BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d)?,
+        Err(_) => tempfile::tempdir()?,
+    };
+    let configs = provision(dir.path(), &county_plan(villages.max(1)))?;
+    let county_json = dir.path().join("county.json");
+    std::fs::write(&county_json, serde_json::to_vec(&configs[0])?)?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .env("BENCH_COUNTY_CONFIG", &county_json)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id().to_string();
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.next().ok_or_else(|| anyhow::anyhow!("county exited before listening"))??;
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            break a.parse()?;
+        }
+    };
+    let connect_start = Instant::now();
+    let children = connect_villages(&configs, addr).await.map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "{} village links up in {:.1} s; county RSS {:.0} MiB; load average {}",
+        children.len(),
+        connect_start.elapsed().as_secs_f64(),
+        proc_mib(&pid, "VmRSS:"),
+        loadavg()
+    );
+    let profile = node::load::LoadProfile {
+        duration: Duration::from_secs(secs),
+        think_mean: Duration::from_millis(think_ms),
+        attachment_len,
+        receipt_timeout: Duration::from_secs(60),
+        tries_max: 3,
+    };
+    // County RSS, sampled every second; a line a minute.
+    let sampler = {
+        let pid = pid.clone();
+        tokio::spawn(async move {
+            let (start, mut peak, mut samples) = (Instant::now(), 0f64, Vec::new());
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let rss = proc_mib(&pid, "VmRSS:");
+                if rss == 0.0 {
+                    break;
+                }
+                peak = peak.max(rss);
+                let t = start.elapsed().as_secs();
+                if t % 60 == 0 {
+                    samples.push((t, rss));
+                    println!(
+                        "  t={t:>4} s  county RSS {rss:.0} MiB (peak so far {peak:.0})  load average {}",
+                        loadavg()
+                    );
+                }
+            }
+            (peak, samples)
+        })
+    };
+    let outcome = node::load::run(&children, &profile).await;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let hwm = proc_mib(&pid, "VmHWM:");
+    println!(
+        "{villages} villages, {secs} s, think {think_ms} ms mean, {attachment_len}-byte cases: {} offered, {} receipted in {:.1} s = {:.1} cases/s; time to custody p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} retries; {} without receipt",
+        outcome.offered.len(),
+        outcome.latencies.len(),
+        outcome.wall.as_secs_f64(),
+        outcome.cases_per_s(),
+        outcome.percentile(0.5).as_secs_f64() * 1e3,
+        outcome.percentile(0.99).as_secs_f64() * 1e3,
+        outcome.percentile(1.0).as_secs_f64() * 1e3,
+        outcome.retries,
+        outcome.unreceipted.len()
+    );
+    println!("county: peak RSS (VmHWM) {hwm:.0} MiB, open fds at the end {fds}; load average {}", loadavg());
+    drop(children);
+    drop(child.stdin.take());
+    let status = child.wait()?;
+    let (peak, _) = sampler.await?;
+    println!("county exited ({status}); sampled RSS peak {peak:.0} MiB");
+    let store = node::store::Store::open_read_only(&configs[0].store_location()).await?;
+    let blobs = node::blobs::BlobStore::open(&configs[0].blob_dir())?;
+    let check = node::load::check_custody(&store, &blobs, &outcome.offered).await?;
+    println!(
+        "custody check against the county's store: {} offered, {} missing, {} incomplete, {} without blob, {} not taken exactly once, {} unexpected; audit chain of {} records verifies",
+        outcome.offered.len(),
+        check.missing.len(),
+        check.incomplete.len(),
+        check.without_blob.len(),
+        check.custody_not_once.len(),
+        check.unexpected,
+        check.audit_records
+    );
+    store.close().await;
+    anyhow::ensure!(check.is_clean() && outcome.unreceipted.is_empty(), "loss or double custody: {check:?}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if let Ok(config) = std::env::var("BENCH_COUNTY_CONFIG") {
+        return run_county(&config).await;
+    }
+    if let Some(secs) = std::env::var("BENCH_DURATION_S").ok().and_then(|v| v.parse().ok()) {
+        return duration_mode(secs).await;
+    }
     let villages: usize = std::env::var("BENCH_VILLAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let per_village: usize = std::env::var("BENCH_CASES_PER_VILLAGE").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     let dir = tempfile::tempdir()?;
-    let mut plan = vec![PlannedNode { name: COUNTY.into(), tier: Tier::County, parent: None, experts: vec![] }];
-    for i in 0..villages.max(1) {
-        plan.push(PlannedNode {
-            name: format!("v{i:04}.gaocheng.dengfeng.zhengzhou.henan.cn"),
-            tier: Tier::Village,
-            parent: Some(COUNTY.into()),
-            experts: vec![],
-        });
-    }
-    let configs = provision(dir.path(), &plan)?;
+    let configs = provision(dir.path(), &county_plan(villages.max(1)))?;
     let county = node::daemon::start(configs[0].clone()).await?;
     let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root)?)?);
     let ecg = Arc::new((0..120 * 1024).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
@@ -89,21 +240,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Phase 2: many villages at once.
     let connect_start = Instant::now();
-    let mut children = Vec::new();
-    for c in configs.iter().skip(1).take(villages) {
-        let creds = NodeCredentials::load(&c.tls.chain, &c.tls.key)?;
-        children.push(Arc::new(
-            PlayedChild::connect(
-                &creds,
-                c.name.as_str().into(),
-                Tier::Village,
-                trust.clone(),
-                COUNTY.into(),
-                county.addr,
-            )
-            .await?,
-        ));
-    }
+    let children = connect_villages(&configs[..=villages], county.addr).await.map_err(|e| anyhow::anyhow!(e))?;
     println!("{} village links up in {:.1} s", children.len(), connect_start.elapsed().as_secs_f64());
     let offers: Vec<Vec<_>> = children
         .iter()

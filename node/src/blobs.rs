@@ -7,6 +7,7 @@
 //! objects/ab/cdef…   complete, verified blobs (hash in hex, split after two digits)
 //! partial/abcdef…    a blob being received, its bytes so far (the resume point)
 //! partial/import-…   a file being imported, before its hash is known
+//! chunks/abcdef…     the blob's chunk hash index (see [`crate::chunk_index`])
 //! ```
 //!
 //! Architecture invariants:
@@ -31,6 +32,7 @@
 //! This module must never decide who may read a blob (that is the caller's job) and
 //! never touch the network.
 
+use crate::chunk_index::{ChunkHasher, ChunkIndexes, INDEX_CHUNK_LEN};
 use federation_proto::ContentHash;
 use federation_proto::codec::CHUNK_LEN_MAX;
 use sha2::{Digest, Sha256};
@@ -118,6 +120,8 @@ struct Inner {
     writers: KeyedLocks,
     /// Serializes whole transfers of one blob (see [`BlobStore::lock_transfer`]).
     transfers: KeyedLocks,
+    /// Chunk hashes of complete blobs, so serving a chunk needs no hashing.
+    indexes: ChunkIndexes,
 }
 
 impl BlobStore {
@@ -126,7 +130,8 @@ impl BlobStore {
     pub fn open(dir: &Path) -> Result<BlobStore, BlobError> {
         let objects = dir.join("objects");
         let partial = dir.join("partial");
-        for d in [&objects, &partial] {
+        let chunks = dir.join("chunks");
+        for d in [&objects, &partial, &chunks] {
             fs::create_dir_all(d).map_err(BlobError::io("creating", d))?;
         }
         Ok(BlobStore {
@@ -135,6 +140,7 @@ impl BlobStore {
                 partial,
                 writers: KeyedLocks::default(),
                 transfers: KeyedLocks::default(),
+                indexes: ChunkIndexes::new(chunks),
             }),
         })
     }
@@ -210,6 +216,7 @@ impl BlobStore {
         let result = (|| {
             let mut out = File::create_new(&tmp).map_err(BlobError::io("creating", &tmp))?;
             let mut hasher = Sha256::new();
+            let mut chunks = ChunkHasher::default();
             let mut buf = vec![0u8; COPY_BUF_LEN];
             let mut size = 0u64;
             loop {
@@ -218,12 +225,14 @@ impl BlobStore {
                     break;
                 }
                 hasher.update(&buf[..n]);
+                chunks.update(&buf[..n]);
                 out.write_all(&buf[..n]).map_err(BlobError::io("writing", &tmp))?;
                 size += n as u64;
             }
             out.sync_all().map_err(BlobError::io("syncing", &tmp))?;
             let hash = ContentHash(hasher.finalize().into());
             self.install(&tmp, &hash)?;
+            self.inner.indexes.write(&hash, size, &chunks.finish());
             Ok((hash, size))
         })();
         // On success the file was renamed away (or was a duplicate); either way, gone.
@@ -257,7 +266,9 @@ impl BlobStore {
     }
 
     /// As [`BlobStore::read_chunk`], and also returns the blob's size and the SHA-256
-    /// of the chunk, all in one trip to the blocking pool (what a sender needs).
+    /// of the chunk as the blob was stored, all in one trip to the blocking pool (what
+    /// a sender needs): from the chunk index when the range is an indexed chunk,
+    /// otherwise hashed here.
     pub async fn read_chunk_hashed(
         &self,
         hash: &ContentHash,
@@ -265,10 +276,14 @@ impl BlobStore {
         len: u32,
     ) -> Result<(u64, Vec<u8>, ContentHash), BlobError> {
         let path = self.path_of(hash);
-        let hash = *hash;
+        let (store, hash) = (self.clone(), *hash);
         blocking(move || {
             let (size, data) = read_chunk_blocking(&path, hash, offset, len)?;
-            let chunk_hash = ContentHash::of(&data);
+            // An aligned whole chunk (or the blob's last) has its hash in the index.
+            let aligned = offset.is_multiple_of(INDEX_CHUNK_LEN)
+                && (data.len() as u64 == INDEX_CHUNK_LEN || offset + data.len() as u64 == size);
+            let indexed = aligned.then(|| store.inner.indexes.chunk_hash(&hash, size, offset / INDEX_CHUNK_LEN));
+            let chunk_hash = indexed.flatten().unwrap_or_else(|| ContentHash::of(&data));
             Ok((size, data, chunk_hash))
         })
         .await
@@ -367,10 +382,13 @@ impl BlobStore {
             next: 0,
             chunks: None,
             worker: Some(worker),
+            chunk_hashes: None,
         };
         match opened_rx.await {
             Ok(len) => {
                 (writer.resumed_at, writer.next, writer.chunks) = (len, len, Some(chunks_tx));
+                // The index can be built from verified chunk hashes only from offset 0.
+                writer.chunk_hashes = (len == 0).then(Vec::new);
                 Ok(writer)
             }
             // Opening failed: the worker has ended with the reason.
@@ -426,6 +444,9 @@ pub struct PartialWriter {
     next: u64,
     chunks: Option<mpsc::Sender<Vec<u8>>>,
     worker: Option<tokio::task::JoinHandle<Result<WriterState, BlobError>>>,
+    /// The verified hashes of the aligned chunks appended so far, for the blob's
+    /// chunk index; `None` once any append did not fit (resumed, unaligned, unknown).
+    chunk_hashes: Option<Vec<ContentHash>>,
 }
 
 impl PartialWriter {
@@ -454,6 +475,34 @@ impl PartialWriter {
     /// the chunk is queued; a failure of an earlier write is returned here (and ends
     /// the writer).
     pub async fn append(&mut self, offset: u64, data: Vec<u8>) -> Result<(), BlobError> {
+        self.chunk_hashes = None;
+        self.queue(offset, data).await
+    }
+
+    /// [`PartialWriter::append`] of a chunk whose SHA-256 the caller has checked to be
+    /// `chunk_hash`: aligned whole chunks from offset 0 on are remembered, so that
+    /// the finished blob gets its chunk index without hashing it again.
+    pub async fn append_verified(
+        &mut self,
+        offset: u64,
+        data: Vec<u8>,
+        chunk_hash: ContentHash,
+    ) -> Result<(), BlobError> {
+        let whole = data.len() as u64 == INDEX_CHUNK_LEN || offset + data.len() as u64 == self.size;
+        let next_index = self.chunk_hashes.as_ref().map(|h| h.len() as u64);
+        if whole && next_index.is_some_and(|i| i * INDEX_CHUNK_LEN == offset) {
+            debug_assert_eq!(ContentHash::of(&data), chunk_hash);
+            self.queue(offset, data).await?;
+            if let Some(hashes) = &mut self.chunk_hashes {
+                hashes.push(chunk_hash);
+            }
+            Ok(())
+        } else {
+            self.append(offset, data).await
+        }
+    }
+
+    async fn queue(&mut self, offset: u64, data: Vec<u8>) -> Result<(), BlobError> {
         if offset != self.next || self.size - self.next < data.len() as u64 {
             return Err(BlobError::WrongOffset { hash: self.hash, offset, expected: self.next });
         }
@@ -477,7 +526,15 @@ impl PartialWriter {
     pub async fn finish(mut self) -> Result<(), BlobError> {
         let state = self.join().await?;
         let (store, hash, size) = (self.store.clone(), self.hash, self.size);
-        blocking(move || state.finish(&store, hash, size)).await
+        let chunk_hashes = self.chunk_hashes.take();
+        blocking(move || {
+            state.finish(&store, hash, size)?;
+            if let Some(hashes) = chunk_hashes {
+                store.inner.indexes.write(&hash, size, &hashes);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Writes what is queued and stops, keeping the bytes on disk as the resume point
@@ -757,6 +814,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn imported_and_received_blobs_get_a_chunk_index_that_serves_the_right_hashes() {
+        let (_d, sender) = store();
+        let bytes = random_bytes(2 * INDEX_CHUNK_LEN as usize + 777);
+        let (hash, size) = sender.import_bytes(&bytes).await.unwrap();
+        let index = sender.inner.indexes.path_of(&hash);
+        assert!(index.exists(), "import writes the index");
+        for (offset, len) in [
+            (0, CHUNK_LEN_MAX),
+            (INDEX_CHUNK_LEN, CHUNK_LEN_MAX),
+            (2 * INDEX_CHUNK_LEN, CHUNK_LEN_MAX),
+            (100, 5000),
+            (0, 1000),
+            (INDEX_CHUNK_LEN - 10, CHUNK_LEN_MAX),
+        ] {
+            let (total, data, chunk_hash) = sender.read_chunk_hashed(&hash, offset, len).await.unwrap();
+            assert_eq!(total, size);
+            assert_eq!(data, bytes[offset as usize..][..data.len()]);
+            assert_eq!(chunk_hash, ContentHash::of(&data), "{offset}+{len}");
+        }
+
+        // A receiver that appends verified aligned chunks from 0 builds the same index.
+        let (_r, receiver) = store();
+        let mut writer = receiver.partial_writer(&hash, size).await.unwrap();
+        for (i, chunk) in bytes.chunks(INDEX_CHUNK_LEN as usize).enumerate() {
+            let offset = i as u64 * INDEX_CHUNK_LEN;
+            writer.append_verified(offset, chunk.to_vec(), ContentHash::of(chunk)).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        assert_eq!(std::fs::read(receiver.inner.indexes.path_of(&hash)).unwrap(), std::fs::read(&index).unwrap());
+
+        // Unaligned appends leave no index (the sender then hashes when serving).
+        let (_u, unaligned) = store();
+        let mut writer = unaligned.partial_writer(&hash, size).await.unwrap();
+        for (i, chunk) in bytes.chunks(1000).enumerate() {
+            writer.append_verified(i as u64 * 1000, chunk.to_vec(), ContentHash::of(chunk)).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        assert!(unaligned.contains(&hash));
+        assert!(!unaligned.inner.indexes.path_of(&hash).exists());
+        let (_, data, chunk_hash) = unaligned.read_chunk_hashed(&hash, 0, CHUNK_LEN_MAX).await.unwrap();
+        assert_eq!(chunk_hash, ContentHash::of(&data));
+    }
+
+    #[tokio::test]
+    async fn a_blob_damaged_on_disk_is_served_with_the_hash_it_was_stored_with() {
+        let (_d, sender) = store();
+        let bytes = random_bytes(INDEX_CHUNK_LEN as usize + 10);
+        let (hash, _) = sender.import_bytes(&bytes).await.unwrap();
+        let mut damaged = bytes.clone();
+        damaged[5] ^= 0x10;
+        std::fs::write(sender.path_of(&hash), &damaged).unwrap();
+        // The receiver's per-chunk check will refuse this chunk: the index says what
+        // the bytes were, not what the disk now holds.
+        let (_, data, chunk_hash) = sender.read_chunk_hashed(&hash, 0, CHUNK_LEN_MAX).await.unwrap();
+        assert_eq!(data, damaged[..INDEX_CHUNK_LEN as usize]);
+        assert_eq!(chunk_hash, ContentHash::of(&bytes[..INDEX_CHUNK_LEN as usize]));
+        assert_ne!(chunk_hash, ContentHash::of(&data));
     }
 
     #[tokio::test]

@@ -42,6 +42,9 @@ pub const INPUT_QUEUE_MAX: usize = 1024;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer has this long to deliver one frame on a stream it opened.
 pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most inputs the core task handles before it commits their writes together (group
+/// commit across inputs: under load, one flush serves many cases).
+pub const INPUT_BATCH_MAX: usize = 64;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -412,6 +415,12 @@ struct Core {
     control: Option<control_glue::ControlGlue>,
     /// Local AI models (answers `Output::RunModel`).
     models: crate::triage::ModelHost,
+    /// Writes (persists and audit records) of the inputs handled since the last
+    /// commit; [`Core::drain`] commits them in one transaction before any message
+    /// that may depend on them leaves.
+    pending: Vec<crate::store::Write>,
+    /// UI events of those inputs, published once their writes committed.
+    ui_pending: Vec<UiEvent>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -643,6 +652,8 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         trust: trust.clone(),
         control,
         models,
+        pending: Vec::new(),
+        ui_pending: Vec::new(),
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -842,24 +853,51 @@ impl Core {
                     None => std::future::pending().await,
                 }
             };
+            let mut shutdown = false;
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { break };
-                    if matches!(input, Input::Shutdown) {
-                        tracing::info!(node = %self.config.name, "shutting down");
-                        for link in self.links.values() {
-                            link.connection.close(0u32.into(), b"shutdown");
+                    // Group commit across inputs: take what else is already queued (up
+                    // to a bound), then commit all their writes at once in `drain`.
+                    let mut next = Some(input);
+                    let mut handled = 0;
+                    while let Some(input) = next.take() {
+                        if matches!(input, Input::Shutdown) {
+                            shutdown = true;
+                            break;
                         }
-                        break;
+                        self.handle(input).await;
+                        handled += 1;
+                        if handled < INPUT_BATCH_MAX {
+                            next = rx.try_recv().ok();
+                        }
                     }
-                    self.handle(input).await;
                 }
                 _ = sleep => self.core.handle_timeout(now()),
             }
             self.drain().await?;
+            if shutdown {
+                tracing::info!(node = %self.config.name, "shutting down");
+                for link in self.links.values() {
+                    link.connection.close(0u32.into(), b"shutdown");
+                }
+                break;
+            }
             self.control_after_input();
         }
         Ok(())
+    }
+
+    /// Queues an audit record for the next group commit.
+    fn audit(
+        &mut self,
+        at: federation_proto::Millis,
+        kind: &str,
+        case: Option<CaseId>,
+        peer: Option<&str>,
+        detail: &str,
+    ) {
+        self.pending.push(crate::store::Write::audit(at, kind, case, peer, detail));
     }
 
     async fn handle(&mut self, input: Input) {
@@ -874,16 +912,13 @@ impl Core {
                 }
                 self.live.add(link.clone());
                 self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
-                let _ = self
-                    .store
-                    .audit(
-                        t,
-                        "link.up",
-                        None,
-                        Some(peer.name.as_str()),
-                        &format!("{} {}", peer.tier, link.peer.peer_id),
-                    )
-                    .await;
+                self.audit(
+                    t,
+                    "link.up",
+                    None,
+                    Some(peer.name.as_str()),
+                    &format!("{} {}", peer.tier, link.peer.peer_id),
+                );
                 tokio::spawn(serve_link(
                     link,
                     self.tx.clone(),
@@ -901,7 +936,7 @@ impl Core {
                 if self.links.get(&peer).is_some_and(|l| l.connection.stable_id() == connection_id) {
                     self.links.remove(&peer);
                     self.metrics.links_up.store(self.links.len() as u64, Ordering::Relaxed);
-                    let _ = self.store.audit(t, "link.down", None, Some(peer.as_str()), "").await;
+                    self.audit(t, "link.down", None, Some(peer.as_str()), "");
                     self.core.handle_peer_down(t, &peer);
                     self.control_peer_down(t, &peer).await;
                 }
@@ -910,17 +945,14 @@ impl Core {
                 self.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                 if let Some(refusal) = self.refuse_offer_on_full_disk(&message) {
                     tracing::warn!(peer = %from, "case offer refused: {}", refusal.detail);
-                    let _ = self
-                        .store
-                        .audit(t, "peer.refused", refusal.case_id, Some(from.as_str()), &refusal.detail)
-                        .await;
+                    self.audit(t, "peer.refused", refusal.case_id, Some(from.as_str()), &refusal.detail);
                     self.send(from, Message::Reject(refusal));
                     return;
                 }
                 if let Err(e) = self.core.handle_message(t, &from, *message) {
                     self.metrics.peer_refusals.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %from, "refused: {e}");
-                    let _ = self.store.audit(t, "peer.refused", None, Some(from.as_str()), &e.to_string()).await;
+                    self.audit(t, "peer.refused", None, Some(from.as_str()), &e.to_string());
                 }
             }
             Input::Stored { case_id, hash } => {
@@ -995,10 +1027,8 @@ impl Core {
                 });
             }
             Input::Audit { kind, detail } => {
-                if let Err(e) = self.store.audit(t, &kind, None, None, &detail).await {
-                    tracing::error!("audit append failed: {e}");
-                }
-                let _ = self.ui_events.send(UiEvent { kind, case_id: None });
+                self.audit(t, &kind, None, None, &detail);
+                self.ui_pending.push(UiEvent { kind, case_id: None });
             }
             Input::ModelDone { case_id, outcome } => {
                 if let Err(e) = &outcome {
@@ -1191,34 +1221,67 @@ impl Core {
         Some(Reject { case_id: Some(id), code: RejectCode::Busy, detail })
     }
 
-    /// Acts on every pending output of the core, in order.
+    /// Acts on every pending output of the core, with group commit: the persists
+    /// and audit records of everything handled since the last commit go to the store
+    /// in ONE transaction, and the outputs that act on the world beyond this process's
+    /// memory (messages to peers, model runs, UI events) are held back until it has
+    /// committed. So a change the core asked to persist is durable before any message
+    /// that may depend on it is sent, whatever the order of outputs. Attachment
+    /// fetches start at once: a chunk request reveals nothing and claims nothing (a
+    /// crash before the commit leaves at most a blob that nothing refers to yet; the
+    /// sender keeps custody until it holds our receipt).
     async fn drain(&mut self) -> Result<(), DaemonError> {
-        while let Some(output) = self.core.poll_output() {
-            match output {
-                Output::Persist(change) => {
-                    if let Err(e) = self.store.apply(&change).await {
-                        tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
-                        return Err(e.into());
-                    }
+        loop {
+            let mut held = Vec::new();
+            while let Some(output) = self.core.poll_output() {
+                match output {
+                    Output::Persist(change) => self.pending.push(crate::store::Write::Change(change)),
+                    Output::Notify(event) => self.notify(event),
+                    Output::FetchAttachments { case_id, from, attachments } => self.fetch(case_id, from, attachments),
+                    other => held.push(other),
                 }
-                Output::Send { to, message } => self.send(to, message),
-                Output::RunModel { case_id, model } => {
-                    // Off the runtime, bounded (see `triage`); the answer comes back as an input.
-                    let files = self.core.case(&case_id).map_or_else(Vec::new, |c| {
-                        c.info.attachments.iter().map(|a| self.blobs.path_of(&a.hash)).collect()
-                    });
-                    let tx = self.tx.clone();
-                    self.models.run(case_id, &model, files, move |case_id, outcome| {
-                        tokio::spawn(async move {
-                            let _ = tx.send(Input::ModelDone { case_id, outcome }).await;
-                        });
-                    });
+            }
+            if !self.pending.is_empty() {
+                let writes = std::mem::take(&mut self.pending);
+                if let Err(e) = self.store.commit(&writes).await {
+                    tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
+                    return Err(e.into());
                 }
-                Output::FetchAttachments { case_id, from, attachments } => self.fetch(case_id, from, attachments),
-                Output::Notify(event) => self.notify(event).await,
+            }
+            for event in self.ui_pending.drain(..) {
+                let _ = self.ui_events.send(event);
+            }
+            if held.is_empty() {
+                return Ok(());
+            }
+            // Acting on these may give the core new inputs (a link found down), whose
+            // outputs the next round handles.
+            for output in held {
+                self.act(output);
             }
         }
-        Ok(())
+    }
+
+    /// Acts on one output that was held back until the writes before it committed.
+    fn act(&mut self, output: Output) {
+        match output {
+            Output::Persist(_) | Output::Notify(_) | Output::FetchAttachments { .. } => {
+                unreachable!("handled in drain")
+            }
+            Output::Send { to, message } => self.send(to, message),
+            Output::RunModel { case_id, model } => {
+                // Off the runtime, bounded (see `triage`); the answer comes back as an input.
+                let files = self.core.case(&case_id).map_or_else(Vec::new, |c| {
+                    c.info.attachments.iter().map(|a| self.blobs.path_of(&a.hash)).collect()
+                });
+                let tx = self.tx.clone();
+                self.models.run(case_id, &model, files, move |case_id, outcome| {
+                    tokio::spawn(async move {
+                        let _ = tx.send(Input::ModelDone { case_id, outcome }).await;
+                    });
+                });
+            }
+        }
     }
 
     fn send(&mut self, to: NodeName, message: Message) {
@@ -1294,7 +1357,9 @@ impl Core {
         });
     }
 
-    async fn notify(&mut self, event: Event) {
+    /// Logs `event`, queues its audit record for the next commit and its UI event for
+    /// after that commit.
+    fn notify(&mut self, event: Event) {
         let t = now();
         let (kind, case, peer, detail): (&str, Option<CaseId>, Option<String>, String) = match &event {
             Event::CaseCreated { case_id } => ("case.created", Some(*case_id), None, String::new()),
@@ -1347,10 +1412,8 @@ impl Core {
             }
         };
         tracing::info!(node = %self.config.name, case = ?case.map(|c| c.to_string()), peer = ?peer, "{kind} {detail}");
-        let _ = self.ui_events.send(UiEvent { kind: kind.to_owned(), case_id: case.map(|c| c.to_string()) });
-        if let Err(e) = self.store.audit(t, kind, case, peer.as_deref(), &detail).await {
-            tracing::error!("audit append failed: {e}");
-        }
+        self.ui_pending.push(UiEvent { kind: kind.to_owned(), case_id: case.map(|c| c.to_string()) });
+        self.audit(t, kind, case, peer.as_deref(), &detail);
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod atna;
 pub mod blobs;
+pub mod chunk_index;
 pub mod config;
 pub mod control;
 pub mod control_plane;
@@ -19,6 +20,7 @@ pub mod disk_guard;
 pub mod fhir;
 pub mod fhir_auth;
 pub mod ingest;
+pub mod load;
 pub mod loadgen;
 #[cfg(feature = "models")]
 pub mod models;

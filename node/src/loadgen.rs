@@ -232,6 +232,12 @@ impl PlayedChild {
         tokio::time::timeout(timeout, self.answers.lock().await.recv()).await.ok().flatten()
     }
 
+    /// Stops serving the attachment `hash` and frees its bytes (once the node holds
+    /// it: a load test's villages would otherwise keep every case in memory).
+    pub fn forget_attachment(&self, hash: &ContentHash) {
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner()).remove(hash);
+    }
+
     /// The key this child signs with.
     pub fn signing_key(&self) -> &SigningKey {
         &self.key

@@ -13,7 +13,9 @@
 //!
 //! Durability contract: [`SqliteStore::apply`] returns only after its transaction
 //! committed with `synchronous=FULL`, so the driver may act on the core's later
-//! outputs (send a receipt, forward a case) as soon as it returns. Writes go through
+//! outputs (send a receipt, forward a case) as soon as it returns; so does
+//! [`Store::commit`], which makes a whole batch of changes and audit records durable
+//! in one transaction (group commit: one flush for many writes). Writes go through
 //! one connection behind a FIFO lock, so they commit in call order.
 //!
 //! This module must never make a decision about a case (the core does), never panic
@@ -295,6 +297,14 @@ impl Store {
         each_backend!(self, s => s.apply(change).await)
     }
 
+    /// Group commit: makes every write in `writes` durable in ONE transaction (one
+    /// flush), in order, before returning; all or nothing. Each write has exactly the
+    /// effect [`Store::apply`] or [`Store::audit`] would have had on its own. An empty
+    /// batch writes nothing.
+    pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        each_backend!(self, s => s.commit(writes).await)
+    }
+
     /// Every stored case record, for `Node::restore`.
     pub async fn load(&self) -> Result<Vec<CaseRecord>, StoreError> {
         each_backend!(self, s => s.load().await)
@@ -335,6 +345,32 @@ impl Store {
     /// Verifies the whole audit chain; see [`SqliteStore::verify_audit_chain`].
     pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
         each_backend!(self, s => s.verify_audit_chain().await)
+    }
+}
+
+/// One write of a group commit ([`Store::commit`]): a change the core asked to
+/// persist, or an audit record.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// As [`Store::apply`] (including its `case.<status>` audit record).
+    Change(Change),
+    /// As [`Store::audit`].
+    Audit { at: Millis, kind: String, case: Option<CaseId>, peer: Option<String>, detail: String },
+}
+
+impl Write {
+    /// An audit record to append.
+    pub fn audit(at: Millis, kind: &str, case: Option<CaseId>, peer: Option<&str>, detail: &str) -> Write {
+        Write::Audit { at, kind: kind.to_owned(), case, peer: peer.map(str::to_owned), detail: detail.to_owned() }
+    }
+
+    fn entry(&self) -> Option<AuditEntry<'_>> {
+        match self {
+            Write::Audit { at, kind, case, peer, detail } => {
+                Some(AuditEntry { at: *at, kind, case: *case, peer: peer.as_deref(), detail })
+            }
+            Write::Change(_) => None,
+        }
     }
 }
 
@@ -433,6 +469,34 @@ impl SqliteStore {
         match change {
             Change::PutCase(record) => put_case(writer, record).await,
         }
+    }
+
+    /// See [`Store::commit`]: one `BEGIN IMMEDIATE` transaction, one WAL flush.
+    pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        const OP: &str = "commit a batch";
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let writer = self.writer(OP)?;
+        let encoded = encode_batch(writes)?;
+        let (_order, mut conn) = writer.session(OP).await?;
+        let result = async {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+            for (write, bytes) in writes.iter().zip(&encoded) {
+                match (write, bytes) {
+                    (Write::Change(Change::PutCase(record)), Some(bytes)) => {
+                        put_case_tx(&mut tx, &writer.key, record, bytes).await?
+                    }
+                    _ => {
+                        let entry = write.entry().expect("an audit write");
+                        append_audit(&mut tx, &writer.key, &entry).await?;
+                    }
+                }
+            }
+            tx.commit().await.map_err(StoreError::db(OP))
+        }
+        .await;
+        Writer::finish(conn, result)
     }
 
     /// Every stored case record, for `Node::restore`.
@@ -694,15 +758,40 @@ async fn put_case_in(
     record: &CaseRecord,
     bytes: &[u8],
 ) -> Result<(), StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db("store a case"))?;
+    put_case_tx(&mut tx, key, record, bytes).await?;
+    tx.commit().await.map_err(StoreError::db("commit a case"))?;
+    Ok(())
+}
+
+/// The CBOR of every case a batch writes (`None` for audit records), encoded before
+/// the write lock is taken; refuses the whole batch if one cannot be stored.
+fn encode_batch(writes: &[Write]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    writes
+        .iter()
+        .map(|w| match w {
+            Write::Change(Change::PutCase(record)) => encode_case(record).map(Some),
+            Write::Audit { .. } => Ok(None),
+        })
+        .collect()
+}
+
+/// Upserts a case, indexes its new envelopes and audits it, inside the caller's
+/// `BEGIN IMMEDIATE` transaction. A record equal byte for byte to the stored one
+/// writes nothing.
+async fn put_case_tx(
+    tx: &mut SqliteConnection,
+    key: &SigningKey,
+    record: &CaseRecord,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
     const OP: &str = "store a case";
     let id = record.info.case_id.to_string();
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
     let stored = sqlx::query(sql::CASE_RECORD).bind(&id).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
     if let Some(row) = stored
         && row.try_get::<Vec<u8>, _>("record").is_ok_and(|old| old == *bytes)
     {
-        tx.rollback().await.map_err(StoreError::db(OP))?;
-        return Ok(()); // already durable, byte for byte
+        return Ok(()); // already stored, byte for byte
     }
     bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, bytes))
         .execute(&mut *tx)
@@ -731,8 +820,7 @@ async fn put_case_in(
         peer: peer.as_ref().map(NodeName::as_str),
         detail: &detail,
     };
-    append_audit(&mut tx, key, &entry).await?;
-    tx.commit().await.map_err(StoreError::db("commit a case"))?;
+    append_audit(tx, key, &entry).await?;
     Ok(())
 }
 

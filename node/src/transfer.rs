@@ -258,9 +258,10 @@ async fn receive(
             Ok(Err(join)) => return Err(TransferError::ConnectionLost { hash, detail: join.to_string() }),
             Ok(Ok(result)) => result?,
         };
+        let (data, chunk_hash) = data;
         let n = data.len() as u64;
         debug_assert!(received + n <= size);
-        writer.append(received, data).await?;
+        writer.append_verified(received, data, chunk_hash).await?;
         received += n;
     }
     debug_assert!(in_flight.is_empty());
@@ -285,7 +286,7 @@ pub async fn fetch_all(
 }
 
 /// A pipelined chunk request; aborted if dropped before it is consumed (on error).
-struct InFlight(JoinHandle<Result<Vec<u8>, TransferError>>);
+struct InFlight(JoinHandle<Result<(Vec<u8>, ContentHash), TransferError>>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -294,9 +295,13 @@ impl Drop for InFlight {
 }
 
 /// One exchange on its own stream: the request, then one response, checked against
-/// the request in every field. Returns the chunk's data only if it is exactly the
-/// range asked for and matches its hash.
-async fn request_chunk(conn: Connection, req: ChunkRequest, size: u64) -> Result<Vec<u8>, TransferError> {
+/// the request in every field. Returns the chunk's data (and its hash) only if it is
+/// exactly the range asked for and matches its hash.
+async fn request_chunk(
+    conn: Connection,
+    req: ChunkRequest,
+    size: u64,
+) -> Result<(Vec<u8>, ContentHash), TransferError> {
     let (hash, offset) = (req.hash, req.offset);
     let lost = |detail: String| TransferError::ConnectionLost { hash, detail };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
@@ -337,7 +342,7 @@ async fn request_chunk(conn: Connection, req: ChunkRequest, size: u64) -> Result
     if actual != chunk_hash {
         return Err(TransferError::HashMismatch { hash, offset });
     }
-    Ok(data)
+    Ok((data, actual))
 }
 
 /// SHA-256 of a chunk on the blocking pool, so hashing never stalls the link's tasks.

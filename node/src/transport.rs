@@ -153,10 +153,15 @@ pub fn endpoint(
 
 /// Writes one frame.
 pub async fn write_frame(send: &mut SendStream, message: &Message) -> Result<(), TransportError> {
+    let lost = |e: quinn::WriteError| TransportError::Connection { peer: "stream".into(), detail: e.to_string() };
+    if let Message::ChunkResponse(resp) = message {
+        // The same bytes as `encode_frame`, without copying the chunk through CBOR.
+        let head = federation_proto::codec::chunk_response_frame_head(resp)?;
+        send.write_all(&head).await.map_err(lost)?;
+        return send.write_all(&resp.data).await.map_err(lost);
+    }
     let frame = federation_proto::encode_frame(message)?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| TransportError::Connection { peer: "stream".into(), detail: e.to_string() })
+    send.write_all(&frame).await.map_err(lost)
 }
 
 /// Reads one frame; the length is checked against the limit before the payload is read.
@@ -166,7 +171,7 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<Message, TransportError
     let len = frame_len(header)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(|e| read_error(e.to_string()))?;
-    Ok(federation_proto::decode(&payload)?)
+    Ok(federation_proto::codec::decode_owned(payload)?)
 }
 
 fn read_error(detail: String) -> TransportError {

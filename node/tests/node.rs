@@ -477,6 +477,8 @@ async fn certificate_and_key_mismatch_and_foreign_peer_id_are_refused() {
 mod browser;
 #[path = "node/chaos.rs"]
 mod chaos;
+#[path = "node/load.rs"]
+mod load;
 #[path = "node/web.rs"]
 mod web;
 

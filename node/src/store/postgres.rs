@@ -24,8 +24,8 @@ use tiers::{CaseRecord, Change};
 
 use super::{
     AUDIT_KEY_CHANGED, AUDIT_TAIL_MAX, AUDIT_VERIFY_BATCH, AuditEntry, AuditRecord, CaseSummary, ChainCheck,
-    StoreError, bind_values, case_values, decode_audit_row, decode_case_row, decode_summary_row, derived_rows,
-    describe, encode_case, key_change_detail, last_audit, seal_audit, sha256_of, sql, sql_millis, wall_clock,
+    StoreError, Write, bind_values, case_values, decode_audit_row, decode_case_row, decode_summary_row, derived_rows,
+    describe, encode_batch, key_change_detail, last_audit, seal_audit, sha256_of, sql, sql_millis, wall_clock,
 };
 
 /// Connections in the pool (reads run beside the one writer).
@@ -193,45 +193,28 @@ impl PgStore {
     }
 
     async fn put_case(&self, record: &CaseRecord) -> Result<(), StoreError> {
-        const OP: &str = "store a case";
-        let bytes = encode_case(record)?;
-        let id = record.info.case_id.to_string();
+        self.commit(&[Write::Change(Change::PutCase(Arc::new(record.clone())))]).await
+    }
+
+    /// See [`super::Store::commit`]: one transaction holding the audit lock, one flush.
+    pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        const OP: &str = "commit a batch";
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let encoded = encode_batch(writes)?;
         let (_order, key, mut conn) = self.begin(OP).await?;
         let mut tx = locked(&mut conn, OP).await?;
-        {
-            let stored =
-                sqlx::query(sql::CASE_RECORD).bind(&id).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
-            if let Some(row) = stored
-                && row.try_get::<Vec<u8>, _>("record").is_ok_and(|old| old == bytes)
-            {
-                return Ok(()); // already durable, byte for byte (rolled back on drop)
+        for (write, bytes) in writes.iter().zip(&encoded) {
+            match (write, bytes) {
+                (Write::Change(Change::PutCase(record)), Some(bytes)) => {
+                    put_case_tx(&mut tx, key, record, bytes).await?
+                }
+                _ => {
+                    let entry = write.entry().expect("an audit write");
+                    append_audit(&mut tx, key, &entry).await?;
+                }
             }
-            bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, &bytes))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
-            let known = sqlx::query(sql::DERIVED_HASHES)
-                .bind(&id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(StoreError::db("index a case's envelopes"))?;
-            let known: HashSet<String> = known.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
-            for row in derived_rows(record, &id, &known) {
-                bind_values(sqlx::query(row.sql), row.values)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::db("index a case's envelopes"))?;
-            }
-            let (peer, detail) = describe(record);
-            let kind = format!("case.{}", record.status.name());
-            let entry = AuditEntry {
-                at: record.updated_at,
-                kind: &kind,
-                case: Some(record.info.case_id),
-                peer: peer.as_ref().map(NodeName::as_str),
-                detail: &detail,
-            };
-            append_audit(&mut tx, key, &entry).await?;
         }
         tx.commit().await.map_err(StoreError::db(OP))
     }
@@ -338,6 +321,51 @@ impl PgStore {
         }
         tx.commit().await.map_err(StoreError::db(OP))
     }
+}
+
+/// Upserts a case, indexes its new envelopes and audits it, inside the caller's
+/// locked transaction. A record equal byte for byte to the stored one writes nothing.
+async fn put_case_tx(
+    tx: &mut PgConnection,
+    key: &SigningKey,
+    record: &CaseRecord,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    const OP: &str = "store a case";
+    let id = record.info.case_id.to_string();
+    let stored = sqlx::query(sql::CASE_RECORD).bind(&id).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
+    if let Some(row) = stored
+        && row.try_get::<Vec<u8>, _>("record").is_ok_and(|old| old == bytes)
+    {
+        return Ok(()); // already stored, byte for byte
+    }
+    bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, bytes))
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::db(OP))?;
+    let known = sqlx::query(sql::DERIVED_HASHES)
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(StoreError::db("index a case's envelopes"))?;
+    let known: HashSet<String> = known.iter().filter_map(|r| r.try_get::<String, _>(0).ok()).collect();
+    for row in derived_rows(record, &id, &known) {
+        bind_values(sqlx::query(row.sql), row.values)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db("index a case's envelopes"))?;
+    }
+    let (peer, detail) = describe(record);
+    let kind = format!("case.{}", record.status.name());
+    let entry = AuditEntry {
+        at: record.updated_at,
+        kind: &kind,
+        case: Some(record.info.case_id),
+        peer: peer.as_ref().map(NodeName::as_str),
+        detail: &detail,
+    };
+    append_audit(tx, key, &entry).await?;
+    Ok(())
 }
 
 /// Begins a transaction on `conn` holding `LOCK TABLE audit IN EXCLUSIVE MODE`.

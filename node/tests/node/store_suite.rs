@@ -6,7 +6,7 @@
 
 use ed25519_dalek::SigningKey;
 use federation_proto::{CaseId, Millis, Modality, NodeName, Urgency};
-use node::store::{Store, StoreError, StoreLocation};
+use node::store::{Store, StoreError, StoreLocation, Write};
 use sqlx::Connection;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tiers::harness::{AutoExperts, Harness, ModelScript, key_for};
@@ -322,6 +322,58 @@ async fn a_read_only_store_sees_commits_and_refuses_writes(backend: Backend) {
     assert!(matches!(reader.audit(Millis(1), "x", None, None, "").await, Err(StoreError::ReadOnly { .. })));
 }
 
+/// Group commit: one batch of case changes and audit records is one transaction,
+/// all or nothing, with each write doing what `apply` / `audit` would alone.
+async fn a_batch_commits_all_its_writes_or_none(backend: Backend) {
+    let (h, _) = federation();
+    let place = place(backend).await;
+    let store = open(&place, "county").await;
+    let recs = records(&h, "county");
+    assert!(recs.len() >= 2);
+    let batch = vec![
+        Write::Change(put(&recs[0])),
+        Write::audit(Millis(5), "link.up", None, Some("v1"), "village"),
+        Write::Change(put(&recs[1])),
+    ];
+    // The database refuses the third write: nothing of the batch may remain.
+    let victim = recs[1].info.case_id.to_string();
+    raw(
+        &place,
+        &format!(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON cases WHEN NEW.case_id = '{victim}' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ),
+        &format!(
+            "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN \
+               IF NEW.case_id = '{victim}' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+               RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse_one BEFORE INSERT ON cases FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+        ),
+    )
+    .await
+    .unwrap();
+    let err = store.commit(&batch).await.unwrap_err();
+    assert!(matches!(err, StoreError::Database { .. }), "{err}");
+    assert!(store.load().await.unwrap().is_empty(), "a failed batch leaves no case behind");
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 0, "and no audit record");
+
+    raw(&place, "DROP TRIGGER refuse_one", "DROP TRIGGER refuse_one ON cases").await.unwrap();
+    store.commit(&batch).await.unwrap();
+    assert_eq!(store.load().await.unwrap(), recs[..2].to_vec());
+    let tail = store.audit_tail(10).await.unwrap();
+    let kinds: Vec<&str> = tail.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
+    assert!(kinds[0].starts_with("case.") && kinds[2].starts_with("case."), "{kinds:?}");
+    assert_eq!(kinds[1], "link.up", "writes land in batch order");
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 3);
+
+    // Repeated: the unchanged cases write nothing, the audit record is appended again.
+    store.commit(&batch).await.unwrap();
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 4);
+    store.commit(&[]).await.unwrap();
+    assert_eq!(store.verify_audit_chain().await.unwrap(), 4, "an empty batch writes nothing");
+}
+
 macro_rules! suite {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -348,4 +400,5 @@ suite!(
     concurrent_writers_from_two_handles_keep_one_chain,
     records_survive_reopen_and_a_new_key_is_handed_over,
     a_read_only_store_sees_commits_and_refuses_writes,
+    a_batch_commits_all_its_writes_or_none,
 );
