@@ -25,6 +25,24 @@ const BIRTH: &str = "1980-01-01";
 const ADDRESS: &str = "12 Jinshui Road, Zhengzhou";
 const PHONE: &str = "+86 371 5555 0199";
 
+/// Files under `dir` once nothing is mid-write there: two listings 100 ms apart agree
+/// and hold no temporary file. A stopped node's last background write (a chunk index,
+/// written as a temporary file and renamed) may land just after `shutdown` returns.
+fn settled_files_under(dir: &Path) -> Vec<PathBuf> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = files_under(dir);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = files_under(dir);
+        let settled = now == last && !now.iter().any(|p| p.extension().is_some_and(|x| x == "tmp"));
+        assert!(settled || std::time::Instant::now() < end, "{} never settled: {now:?}", dir.display());
+        if settled {
+            return now;
+        }
+        last = now;
+    }
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
@@ -38,6 +56,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
             }
         }
     }
+    out.sort();
     out
 }
 
@@ -203,10 +222,10 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     v_node.shutdown().await.unwrap();
 
     // Every byte the county wrote: the database (and WAL), blobs, anything else.
-    let county_files = files_under(&configs[0].data_dir);
+    let county_files = settled_files_under(&configs[0].data_dir);
     let mut dicom_blobs = 0;
     for f in &county_files {
-        let bytes = std::fs::read(f).unwrap();
+        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         for needle in [
             NAME,
             "Zhang",
