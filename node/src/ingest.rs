@@ -1706,7 +1706,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn path_traversal_uids_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+        // Inside a directory of its own, so "../../x" from the store would land in a
+        // place this test owns (not in /tmp, where an unrelated `x` may exist).
+        let outer = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir_in(outer.path()).unwrap();
         let data_dir = dir.path().join("data");
         let (addr, task, store) = start(&data_dir, 2 << 30, ScpLimits::default()).await;
 
@@ -1730,7 +1733,7 @@ mod tests {
         for p in ["x", "y", "data/x", "data/y", "x.dcm"] {
             assert!(!dir.path().join(p).exists(), "{p} was created");
         }
-        assert!(!dir.path().parent().unwrap().join("x").exists());
+        assert!(!outer.path().join("x").exists() && !outer.path().join("y").exists());
         task.abort();
     }
 
