@@ -825,6 +825,10 @@ fn media_type_of(path: &std::path::Path, head: &[u8]) -> &'static str {
         "application/x-wfdb"
     } else if ext == "xml" {
         "application/xml"
+    } else if crate::scrub_photo::is_jpeg(head) {
+        "image/jpeg"
+    } else if crate::scrub_photo::is_png(head) {
+        "image/png"
     } else {
         "application/octet-stream"
     }

@@ -39,6 +39,8 @@ const FILE_METHOD_VALUES: [&str; 3] =
     ["DICOM PS3.15 E.1 Basic Application Level Confidentiality", "Profile, Table E.1-1 of DICOM 2026c", "telemed-node"];
 /// The further DeidentificationMethod value of a file passed with burned-in text.
 const FILE_BURNED_IN_VALUE: &str = "BurnedInAnnotation YES: pixel data not cleaned";
+/// The same for a file passed although it may show burned-in text (64 chars max).
+const FILE_BURNED_IN_SUSPECTED_VALUE: &str = "burned-in text suspected: pixel data not cleaned";
 /// Domain separation of the pseudonym key derivation.
 const KEY_DOMAIN: &[u8] = b"telemed-pseudonym-key-v1\0";
 /// Deepest sequence nesting de-identified; a deeper file is refused (real data sets
@@ -149,6 +151,84 @@ pub enum BurnedInPolicy {
 
 /// Appended to the method text of a file passed with burned-in annotation.
 pub const BURNED_IN_FLAG: &str = "; BurnedInAnnotation=YES: pixel data NOT cleaned (passed by policy)";
+/// Appended to the method text of a file passed although it may show burned-in text
+/// (BurnedInAnnotation absent or empty on a kind of image that often has it).
+pub const BURNED_IN_SUSPECTED_FLAG: &str = "; BurnedInAnnotation absent on an image kind that often has burned-in text: pixel data NOT cleaned (passed by policy)";
+
+/// Modalities whose images commonly show text in the pixels (patient name, dates,
+/// device and operator text), like the modality/SOP-class filters of RSNA CTP's
+/// DicomPixelAnonymizer script: ultrasound (the scanner writes the patient's name
+/// and the date into every frame), endoscopy (ES), external-camera photography
+/// (XC), general microscopy (GM), document (DOC) and other (OT) images.
+pub const BURNED_IN_MODALITIES: &[&str] = &["US", "IVUS", "ES", "XC", "GM", "DOC", "OT"];
+
+/// SOP classes (a UID and the UIDs below it; a trailing `.`: only those below) whose images are made from a screen or a camera, not
+/// by an acquisition device writing pixel data alone: Secondary Capture (all five,
+/// incl. multi-frame: dose screens, scanned forms, screenshots), ultrasound (single
+/// and multi-frame, incl. the retired ones), VL endoscopic / photographic images and
+/// video (`…77.1.1`, `…77.1.4`, video `…77.1.1.1`, `…77.1.4.1`), and encapsulated
+/// documents (PDF, CDA).
+pub const BURNED_IN_SOP_CLASS_PREFIXES: &[&str] = &[
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.6.",
+    "1.2.840.10008.5.1.4.1.1.3.",
+    "1.2.840.10008.5.1.4.1.1.77.1.1",
+    "1.2.840.10008.5.1.4.1.1.77.1.4",
+    "1.2.840.10008.5.1.4.1.1.104.",
+];
+
+/// Why an image is treated as showing burned-in text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BurnedIn {
+    /// BurnedInAnnotation (0028,0301) is YES.
+    Yes,
+    /// The attribute is absent or empty and the image is of a kind that commonly
+    /// shows text (the reason says which).
+    Suspected(String),
+}
+
+fn element_text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
+    let e = obj.element_opt(tag).ok().flatten()?;
+    let s = e.to_str().ok()?;
+    Some(s.trim_matches(['\0', ' ']).to_owned())
+}
+
+/// Whether `obj` shows (or, lacking the attribute, probably shows) burned-in text:
+/// - BurnedInAnnotation YES → [`BurnedIn::Yes`]; NO → `None` (the device says so);
+/// - absent or empty, on an image (it has PixelData) whose Modality is one of
+///   [`BURNED_IN_MODALITIES`], or whose SOP class is one of
+///   [`BURNED_IN_SOP_CLASS_PREFIXES`], or whose ImageType says SECONDARY or
+///   SCREEN SAVE (a derived screen: CT dose reports, 3D captures) →
+///   [`BurnedIn::Suspected`];
+/// - otherwise `None`: CT, MR, CR, DX, MG, NM, PT ... images made by the
+///   acquisition device rarely carry text in the pixels, and refusing every file
+///   without the (Type 3) attribute would refuse most real files.
+pub fn burned_in_text(obj: &InMemDicomObject) -> Option<BurnedIn> {
+    let value = element_text(obj, tags::BURNED_IN_ANNOTATION).unwrap_or_default();
+    if value.eq_ignore_ascii_case("YES") {
+        return Some(BurnedIn::Yes);
+    }
+    if !value.is_empty() || obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
+        return None;
+    }
+    let modality = element_text(obj, tags::MODALITY).unwrap_or_default().to_ascii_uppercase();
+    if BURNED_IN_MODALITIES.contains(&modality.as_str()) {
+        return Some(BurnedIn::Suspected(format!("modality {modality}")));
+    }
+    let sop_class = element_text(obj, tags::SOP_CLASS_UID).unwrap_or_default();
+    let family = |root: &&str| match sop_class.strip_prefix(root.trim_end_matches('.')) {
+        Some(rest) => (rest.is_empty() && !root.ends_with('.')) || rest.starts_with('.'),
+        None => false,
+    };
+    if BURNED_IN_SOP_CLASS_PREFIXES.iter().any(family) {
+        return Some(BurnedIn::Suspected(format!("SOP class {sop_class}")));
+    }
+    let image_type = element_text(obj, tags::IMAGE_TYPE).unwrap_or_default().to_ascii_uppercase();
+    if image_type.split('\\').any(|v| v.trim() == "SECONDARY" || v.trim() == "SCREEN SAVE") {
+        return Some(BurnedIn::Suspected(format!("image type {image_type}")));
+    }
+    None
+}
 
 /// Why a file could not be de-identified.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +240,10 @@ pub enum DeidError {
     Write(String),
     #[error("the image has burned-in annotation (BurnedInAnnotation = YES); the privacy policy refuses it")]
     BurnedInAnnotation,
+    #[error(
+        "the image may have burned-in text ({0}; BurnedInAnnotation absent or empty); the privacy policy refuses it"
+    )]
+    BurnedInSuspected(String),
     #[error("sequences nested deeper than {DEPTH_MAX} levels")]
     TooDeep,
 }
@@ -173,15 +257,21 @@ pub struct DeidSummary {
     pub uids_replaced: usize,
     /// Private elements removed (counted in `removed` too).
     pub private_removed: usize,
-    /// The file's BurnedInAnnotation was YES and the policy let it through.
+    /// The file's BurnedInAnnotation was YES (or it is suspected, below) and the
+    /// policy let it through.
     pub burned_in_flagged: bool,
+    /// Flagged because the attribute is absent or empty on an image of a kind that
+    /// commonly shows burned-in text ([`burned_in_text`]).
+    pub burned_in_suspected: bool,
 }
 
 impl DeidSummary {
     /// The DeidentificationMethod text recorded for this file (in the file and in
     /// the manifest's `Deidentification.method`).
     pub fn method(&self) -> String {
-        if self.burned_in_flagged {
+        if self.burned_in_suspected {
+            format!("{DEIDENTIFICATION_METHOD}{BURNED_IN_SUSPECTED_FLAG}")
+        } else if self.burned_in_flagged {
             format!("{DEIDENTIFICATION_METHOD}{BURNED_IN_FLAG}")
         } else {
             DEIDENTIFICATION_METHOD.to_owned()
@@ -258,16 +348,18 @@ impl Deidentifier {
         crate::ingest::check_structure(src).map_err(|e| DeidError::Unreadable(e.to_string()))?;
         let mut obj = dicom_object::open_file(src).map_err(|e| DeidError::Unreadable(e.to_string()))?;
         let mut summary = DeidSummary::default();
-        let burned = obj
-            .element_opt(tags::BURNED_IN_ANNOTATION)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']).eq_ignore_ascii_case("YES")))
-            .unwrap_or(false);
-        if burned {
+        if let Some(burned) = burned_in_text(&obj) {
             match burned_in {
-                BurnedInPolicy::Refuse => return Err(DeidError::BurnedInAnnotation),
-                BurnedInPolicy::Flag => summary.burned_in_flagged = true,
+                BurnedInPolicy::Refuse => {
+                    return Err(match burned {
+                        BurnedIn::Yes => DeidError::BurnedInAnnotation,
+                        BurnedIn::Suspected(why) => DeidError::BurnedInSuspected(why),
+                    });
+                }
+                BurnedInPolicy::Flag => {
+                    summary.burned_in_flagged = true;
+                    summary.burned_in_suspected = matches!(burned, BurnedIn::Suspected(_));
+                }
             }
         }
         self.clean(&mut obj, &mut summary, 0)?;
@@ -275,7 +367,9 @@ impl Deidentifier {
         // In the file the method is several LO values of at most 64 characters each
         // (the manifest carries the one-line text); dciodvfy checks the lengths.
         let mut values: Vec<String> = FILE_METHOD_VALUES.iter().map(|v| v.to_string()).collect();
-        if summary.burned_in_flagged {
+        if summary.burned_in_suspected {
+            values.push(FILE_BURNED_IN_SUSPECTED_VALUE.into());
+        } else if summary.burned_in_flagged {
             values.push(FILE_BURNED_IN_VALUE.into());
         }
         obj.put(DataElement::new(tags::DEIDENTIFICATION_METHOD, VR::LO, PrimitiveValue::Strs(values.into())));
@@ -637,6 +731,75 @@ mod tests {
         assert!(text(&out, tags::DEIDENTIFICATION_METHOD).unwrap().contains("pixel data not cleaned"));
         // "NO" passes under the default policy.
         obj.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
+        obj.write_to_file(&src).unwrap();
+        assert!(!key(1).deidentify_file(&src, &dst).unwrap().burned_in_flagged);
+    }
+
+    #[test]
+    fn images_without_the_attribute_are_judged_by_their_kind() {
+        // The real files as they come (pydicom-data): none but emri_small carries
+        // BurnedInAnnotation; the two ultrasounds lack it and are refused.
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out.dcm");
+        for name in ["US1_J2KR.dcm", "OBXXXX1A_rle.dcm"] {
+            let obj = dicom_object::open_file(testdata(name)).unwrap();
+            assert!(obj.element_opt(tags::BURNED_IN_ANNOTATION).unwrap().is_none(), "{name} has the attribute");
+            match key(1).deidentify_file(&testdata(name), &dst) {
+                Err(DeidError::BurnedInSuspected(why)) => assert!(why.contains("modality US"), "{name}: {why}"),
+                other => panic!("{name}: {other:?}"),
+            }
+            let summary = key(1).deidentify_file_with(&testdata(name), &dst, BurnedInPolicy::Flag).unwrap();
+            assert!(summary.burned_in_flagged && summary.burned_in_suspected, "{name}");
+            assert!(summary.method().contains("BurnedInAnnotation absent"), "{name}");
+            let out = dicom_object::open_file(&dst).unwrap();
+            assert!(text(&out, tags::DEIDENTIFICATION_METHOD).unwrap().contains("burned-in text suspected"));
+        }
+        // CT, MR and CR from the acquisition device, without the attribute, pass;
+        // so does the enhanced MR with NO and the ECG waveform (no pixel data).
+        for name in [
+            "CT_small.dcm",
+            "693_J2KR.dcm",
+            "MR2_J2KI.dcm",
+            "RG1_J2KI.dcm",
+            "RG3_J2KI.dcm",
+            "emri_small.dcm",
+            "waveform_ecg.dcm",
+        ] {
+            let summary = key(1).deidentify_file(&testdata(name), &dst).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!summary.burned_in_flagged, "{name}");
+        }
+        // An ultrasound whose device says NO passes; an empty value is as absent.
+        let mut us = dicom_object::open_file(testdata("US1_J2KR.dcm")).unwrap();
+        let src = dir.path().join("us.dcm");
+        us.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("NO")));
+        us.write_to_file(&src).unwrap();
+        assert!(!key(1).deidentify_file(&src, &dst).unwrap().burned_in_flagged);
+        us.put(DataElement::new(tags::BURNED_IN_ANNOTATION, VR::CS, PrimitiveValue::from("")));
+        us.write_to_file(&src).unwrap();
+        assert!(matches!(key(1).deidentify_file(&src, &dst), Err(DeidError::BurnedInSuspected(_))));
+        // A real CT turned into a Secondary Capture (a dose screen) or a CT whose
+        // ImageType says SECONDARY is suspected; other modalities in the list too.
+        let ct = || dicom_object::open_file(testdata("CT_small.dcm")).unwrap();
+        let cases: [(Tag, &str, &str); 5] = [
+            (tags::SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.7", "SOP class"),
+            (tags::SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.7.4", "SOP class"),
+            (tags::SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.77.1.4", "SOP class"),
+            (tags::IMAGE_TYPE, "DERIVED\\SECONDARY\\OTHER", "image type"),
+            (tags::MODALITY, "XC", "modality XC"),
+        ];
+        for (tag, value, why) in cases {
+            let mut obj = ct();
+            let vr = if tag == tags::SOP_CLASS_UID { VR::UI } else { VR::CS };
+            obj.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
+            obj.write_to_file(&src).unwrap();
+            match key(1).deidentify_file(&src, &dst) {
+                Err(DeidError::BurnedInSuspected(text)) => assert!(text.contains(why), "{value}: {text}"),
+                other => panic!("{value}: {other:?}"),
+            }
+        }
+        // A UID that only shares digits with a listed one is not in the family.
+        let mut obj = ct();
+        obj.put(DataElement::new(tags::SOP_CLASS_UID, VR::UI, PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.77.1.10")));
         obj.write_to_file(&src).unwrap();
         assert!(!key(1).deidentify_file(&src, &dst).unwrap().burned_in_flagged);
     }

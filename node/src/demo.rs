@@ -291,7 +291,12 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             inbox: None,
             web: None,
             store: None,
-            privacy: Default::default(),
+            // The demo's ultrasound (US1_J2KR.dcm) lacks BurnedInAnnotation, so the
+            // default policy would refuse it (deid.rs): the demo passes it flagged.
+            privacy: crate::config::PrivacyConfig {
+                burned_in_annotation: crate::deid::BurnedInPolicy::Flag,
+                ..Default::default()
+            },
             fhir: None,
             control: Some(crate::control_plane::ControlConfig::loopback()),
             models: Vec::new(),

@@ -26,6 +26,7 @@ pub mod loadgen;
 pub mod models;
 pub mod readers;
 pub mod scrub;
+pub mod scrub_photo;
 pub mod store;
 pub mod transfer;
 pub mod transport;

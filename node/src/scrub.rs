@@ -18,6 +18,8 @@
 //!   metadata is zeroed and unlinked, and the SVS label and macro images (a photo of
 //!   the slide label: names, barcodes) are zeroed and unlinked from the IFD chain.
 //!
+//! JPEG and PNG photos are cleaned by `scrub_photo.rs` (through [`clean_attachment`]).
+//!
 //! This module only finds and rewrites text it knows the shape of: it must never be
 //! taken for a general PHI detector (a name the clinician did not give cannot be
 //! found), never rewrite pixel data of the image itself, and never log an identifier.
@@ -42,6 +44,10 @@ const NAME_PART_CHARS_MIN: usize = 2;
 pub enum ScrubError {
     #[error("not a TIFF file this node can clean: {0}")]
     Tiff(String),
+    #[error("not a JPEG file this node can clean: {0}")]
+    Jpeg(String),
+    #[error("not a PNG file this node can clean: {0}")]
+    Png(String),
     #[error("the WFDB header is not text: {0}")]
     Wfdb(String),
     #[error("{what} is {bytes} bytes, more than the {limit_bytes} this node cleans")]
@@ -688,6 +694,21 @@ pub fn clean_attachment(
         scrub_tiff(&mut bytes, ids).map_err(|e| e.to_string())?;
         write(&bytes)?;
         Ok(Some(TIFF_METHOD.to_owned()))
+    } else if crate::scrub_photo::is_jpeg(head) || crate::scrub_photo::is_png(head) {
+        // Photos: EXIF/GPS, XMP, IPTC, comments and PNG text removed (scrub_photo.rs).
+        let len = std::fs::metadata(src).map_err(|e| e.to_string())?.len();
+        if len > crate::scrub_photo::PHOTO_BYTES_MAX {
+            let max = crate::scrub_photo::PHOTO_BYTES_MAX;
+            return Err(format!("a {len}-byte photo is larger than the {max} bytes this node de-identifies"));
+        }
+        let bytes = std::fs::read(src).map_err(|e| e.to_string())?;
+        let (clean, method) = if crate::scrub_photo::is_jpeg(head) {
+            (crate::scrub_photo::scrub_jpeg(&bytes).map_err(|e| e.to_string())?.0, crate::scrub_photo::JPEG_METHOD)
+        } else {
+            (crate::scrub_photo::scrub_png(&bytes).map_err(|e| e.to_string())?.0, crate::scrub_photo::PNG_METHOD)
+        };
+        write(&clean)?;
+        Ok(Some(method.to_owned()))
     } else if ext == "hea" {
         let len = std::fs::metadata(src).map_err(|e| e.to_string())?.len();
         if len > TEXT_BYTES_MAX as u64 {
