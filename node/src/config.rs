@@ -120,6 +120,10 @@ pub struct FhirConfig {
     /// Registered clients: token digests and SMART system scopes (`fhir_auth.rs`).
     #[serde(default)]
     pub clients_file: Option<PathBuf>,
+    /// Lifetime of access tokens from `POST /fhir/auth/token` (`fhir_oauth.rs`);
+    /// default 900 s.
+    #[serde(default)]
+    pub token_lifetime_s: Option<u64>,
 }
 
 /// A local AI model this node runs (`[[models]]`; needs the `models` feature).

@@ -207,6 +207,9 @@ enum Input {
         kind: String,
         detail: String,
     },
+    /// An audit record that must be durable before its sender goes on (FHIR API
+    /// requests): answered once the group commit holding it has committed.
+    AuditDurable(crate::store::Write, oneshot::Sender<()>),
     /// A local model finished reading a case (see `triage`).
     ModelDone {
         case_id: CaseId,
@@ -374,6 +377,11 @@ impl ControlHandle {
         let input = Input::Audit { kind: kind.to_owned(), detail: detail.to_owned() };
         self.tx.send(input).await.map_err(|_| DaemonError::Stopped)
     }
+    /// Appends `write` (an audit record) to the node's audit log and returns once
+    /// it is committed (group commit). Err if the node stopped or its store failed.
+    pub async fn audit_durable(&self, write: crate::store::Write) -> Result<(), DaemonError> {
+        self.ask(|tx| Input::AuditDurable(write, tx)).await
+    }
     /// Changes to cases as they happen (for live pages).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<UiEvent> {
         self.events.subscribe()
@@ -421,6 +429,8 @@ struct Core {
     pending: Vec<crate::store::Write>,
     /// UI events of those inputs, published once their writes committed.
     ui_pending: Vec<UiEvent>,
+    /// Senders waiting for their audit records to commit ([`Input::AuditDurable`]).
+    committed_pending: Vec<oneshot::Sender<()>>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -552,6 +562,8 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         }
     }
 
+    let (ui_events, _) = tokio::sync::broadcast::channel(UI_EVENTS_MAX);
+    let handle = ControlHandle { tx: tx.clone(), events: ui_events.clone() };
     // The FHIR R4 API for hospital systems (hubs).
     let mut fhir_addr = None;
     if let Some(fhir) = &config.fhir {
@@ -562,23 +574,22 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
             clients = crate::fhir_auth::FhirClients::from_legacy_token(&token)
                 .map_err(|e| DaemonError::Config(format!("FHIR token file {}: {e}", token_file.display())))?;
         }
-        if let Some(clients_file) = &fhir.clients_file {
-            let more = crate::fhir_auth::FhirClients::load(clients_file)
-                .map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
-            clients.extend(more).map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
-        }
-        if clients.is_empty() {
+        let lifetime_s = fhir.token_lifetime_s.unwrap_or(crate::fhir_oauth::TOKEN_LIFETIME_DEFAULT_S);
+        let authority = crate::fhir_oauth::Authority::new(clients, fhir.clients_file.clone(), lifetime_s)
+            .map_err(|e| DaemonError::Config(format!("FHIR clients: {e}")))?;
+        if authority.is_empty() {
             return Err(DaemonError::Config("[fhir] needs a token_file or a clients_file with a client".into()));
         }
         let listener = tokio::net::TcpListener::bind(fhir.listen)
             .await
             .map_err(|e| DaemonError::Config(format!("FHIR listener {}: {e}", fhir.listen)))?;
         fhir_addr = listener.local_addr().ok();
-        let app = crate::fhir::router(crate::fhir::FhirState {
-            store: store.clone(),
-            node: config.node_name(),
-            clients: Arc::new(clients),
-        });
+        let app = crate::fhir::router(crate::fhir::FhirState::new(
+            store.clone(),
+            config.node_name(),
+            Arc::new(authority),
+            handle.clone(),
+        ));
         background.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::warn!("FHIR API stopped: {e}");
@@ -612,8 +623,6 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         chunks_in_flight: 8,
         bytes_per_s: config.rate_limit_bytes_per_s,
     };
-    let (ui_events, _) = tokio::sync::broadcast::channel(UI_EVENTS_MAX);
-    let handle = ControlHandle { tx: tx.clone(), events: ui_events.clone() };
     // The web UI (optional): pages for experts, clinicians and admins.
     let mut web_addr = None;
     if let Some(web) = &config.web {
@@ -654,6 +663,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         models,
         pending: Vec::new(),
         ui_pending: Vec::new(),
+        committed_pending: Vec::new(),
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -1034,6 +1044,10 @@ impl Core {
                 self.audit(t, &kind, None, None, &detail);
                 self.ui_pending.push(UiEvent { kind, case_id: None });
             }
+            Input::AuditDurable(write, done) => {
+                self.pending.push(write);
+                self.committed_pending.push(done);
+            }
             Input::ModelDone { case_id, outcome } => {
                 if let Err(e) = &outcome {
                     tracing::warn!(%case_id, "model read failed, the case goes on without it: {e}");
@@ -1254,6 +1268,9 @@ impl Core {
             }
             for event in self.ui_pending.drain(..) {
                 let _ = self.ui_events.send(event);
+            }
+            for done in self.committed_pending.drain(..) {
+                let _ = done.send(());
             }
             if held.is_empty() {
                 return Ok(());

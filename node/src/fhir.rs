@@ -11,8 +11,20 @@
 //! Resources are built from the store (the durable truth), never from the core's
 //! memory, and carry only the pseudonym as the subject: this API never serves a
 //! direct identifier. Every request needs `Authorization: Bearer <token>` of a client
-//! whose scopes cover the resource type (`fhir_auth.rs`, ADR 0008); errors
-//! are `OperationOutcome`s. This module must never change a case.
+//! whose scopes cover the resource type: an access token from the OAuth 2.0
+//! client-credentials endpoint `POST /fhir/auth/token` (`fhir_oauth.rs`, ADR 0009)
+//! or a static client token (`fhir_auth.rs`, ADR 0008); errors are
+//! `OperationOutcome`s. `GET /fhir/metadata` (CapabilityStatement) and
+//! `/fhir/.well-known/smart-configuration` say where the token endpoint is.
+//!
+//! Every read, search, refusal (401/403) and token request is written to the
+//! node's hash-chained audit log through the daemon's group commit
+//! ([`crate::daemon::ControlHandle::audit_durable`]) with the client id, the
+//! resource type and id (case ids, which the log already holds; never a patient
+//! identifier) and the outcome, and the response leaves only once that record is
+//! committed (a request whose record cannot be written gets 503, not data).
+//! Refusals are recorded up to [`REFUSALS_AUDITED_PER_MINUTE`] a minute, the rest
+//! counted in the next record. This module must never change a case.
 
 use std::sync::Arc;
 
@@ -38,14 +50,74 @@ pub const CASE_SYSTEM: &str = "urn:telemed:case";
 /// Identifier system of patient pseudonyms.
 pub const PSEUDONYM_SYSTEM: &str = "urn:telemed:pseudonym";
 
+/// Refused requests (401/403, failed token requests) written to the audit log per
+/// minute; beyond it they are counted and the count goes in the next record.
+pub const REFUSALS_AUDITED_PER_MINUTE: u32 = 120;
+
 /// What the API serves from.
 #[derive(Clone)]
 pub struct FhirState {
     pub store: Store,
     pub node: NodeName,
-    /// The clients admitted, their token digests and scopes (`fhir_auth.rs`).
-    pub clients: Arc<crate::fhir_auth::FhirClients>,
+    /// The clients admitted and the tokens issued to them (`fhir_oauth.rs`).
+    pub authority: Arc<crate::fhir_oauth::Authority>,
+    /// The daemon, which writes the audit records (group commit).
+    pub control: crate::daemon::ControlHandle,
+    /// Refusals audited in the current minute: (window start, audited, not audited).
+    refusals: Arc<std::sync::Mutex<(std::time::Instant, u32, u32)>>,
 }
+
+impl FhirState {
+    pub fn new(
+        store: Store,
+        node: NodeName,
+        authority: Arc<crate::fhir_oauth::Authority>,
+        control: crate::daemon::ControlHandle,
+    ) -> FhirState {
+        let refusals = Arc::new(std::sync::Mutex::new((std::time::Instant::now(), 0, 0)));
+        FhirState { store, node, authority, control, refusals }
+    }
+
+    /// Writes one audit record of an API request and waits until it is committed.
+    /// `refusal`: counts against [`REFUSALS_AUDITED_PER_MINUTE`] (beyond it nothing
+    /// is written and `Ok` returned).
+    pub(crate) async fn audit(
+        &self,
+        kind: &str,
+        case: Option<CaseId>,
+        client: Option<&str>,
+        detail: &str,
+        refusal: bool,
+    ) -> Result<(), FhirError> {
+        let mut detail = detail.to_owned();
+        {
+            let mut r = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if r.0.elapsed() >= std::time::Duration::from_secs(60) {
+                let missed = r.2;
+                *r = (std::time::Instant::now(), 0, 0);
+                if missed > 0 {
+                    detail.push_str(&format!(" ({missed} refused requests in the minute before not recorded)"));
+                }
+            }
+            if refusal {
+                if r.1 >= REFUSALS_AUDITED_PER_MINUTE {
+                    r.2 = r.2.saturating_add(1);
+                    return Ok(());
+                }
+                r.1 += 1;
+            }
+        }
+        let peer = client.map(|c| format!("{FHIR_CLIENT_PREFIX}{c}"));
+        let write = crate::store::Write::audit(crate::view::now(), kind, case, peer.as_deref(), &detail);
+        self.control.audit_durable(write).await.map_err(|e| {
+            tracing::warn!("FHIR API: audit record not written: {e}");
+            FhirError::new(StatusCode::SERVICE_UNAVAILABLE, "transient", "the audit log cannot be written; try again")
+        })
+    }
+}
+
+/// How an API client is named in an audit record's peer field.
+pub const FHIR_CLIENT_PREFIX: &str = "fhir-client:";
 
 /// `YYYY-MM-DDThh:mm:ss.sssZ` for ms since the Unix epoch (FHIR `instant`).
 pub fn instant(t: Millis) -> String {
@@ -249,6 +321,18 @@ pub(crate) struct AuditClass {
 
 impl AuditClass {
     pub(crate) fn of(kind: &str) -> AuditClass {
+        // FHIR API requests (fhir.rs): reads, queries, token and refusals.
+        let fhir = match kind {
+            "fhir.read" => Some(("110110", "Patient Record", "R", false)),
+            "fhir.search" => Some(("110112", "Query", "E", false)),
+            "fhir.failed" => Some(("110110", "Patient Record", "R", true)),
+            "fhir.token" => Some(("110114", "User Authentication", "E", false)),
+            "fhir.refused" | "fhir.token_refused" => Some(("110114", "User Authentication", "E", true)),
+            _ => None,
+        };
+        if let Some((code, meaning, action, refused)) = fhir {
+            return AuditClass { code, meaning, action, refused };
+        }
         let (code, meaning) = if kind.starts_with("case.") || kind.starts_with("report.") {
             ("110110", "Patient Record")
         } else if kind.starts_with("link.") || kind.starts_with("peer.") {
@@ -281,7 +365,8 @@ pub fn audit_event(record: &AuditRecord, node: &NodeName) -> Value {
             "description": "case",
         }));
     }
-    if let Some(peer) = &record.peer {
+    let client = record.peer.as_deref().and_then(|p| p.strip_prefix(FHIR_CLIENT_PREFIX));
+    if let Some(peer) = record.peer.as_ref().filter(|_| client.is_none()) {
         entities.push(json!({
             "what": { "display": peer },
             "type": { "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object" },
@@ -310,6 +395,17 @@ pub fn audit_event(record: &AuditRecord, node: &NodeName) -> Value {
         },
         "entity": entities,
     });
+    if let Some(client) = client {
+        // The FHIR API client that made the request: the requesting agent.
+        let agent = json!({
+            "type": { "coding": [{ "system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153", "display": "Source Role ID" }] },
+            "who": { "identifier": { "system": "urn:telemed:fhir-client", "value": client } },
+            "requestor": true,
+        });
+        if let Some(agents) = event["agent"].as_array_mut() {
+            agents.push(agent);
+        }
+    }
     prune(&mut event);
     event
 }
@@ -368,6 +464,7 @@ pub fn bundle(kind: &str, resources: Vec<Value>) -> Value {
 // --- the HTTP API --------------------------------------------------------------------
 
 /// An `OperationOutcome` error with its HTTP status.
+#[derive(Debug)]
 pub struct FhirError {
     status: StatusCode,
     code: &'static str,
@@ -402,20 +499,82 @@ fn fhir_json(status: StatusCode, body: &Value) -> Response {
     response
 }
 
-fn authorize(
-    state: &FhirState,
-    headers: &HeaderMap,
-    resource: &str,
+/// One API request as the audit log records it.
+struct Access {
+    resource: &'static str,
     interaction: crate::fhir_auth::Interaction,
-) -> Result<(), FhirError> {
+    /// The resource id asked for (checked characters only), if any.
+    id: Option<String>,
+    /// The client, once its token was recognised.
+    client: Option<String>,
+}
+
+impl Access {
+    fn new(resource: &'static str, interaction: crate::fhir_auth::Interaction, id: Option<&str>) -> Access {
+        // Ids here are case ids (hex) and `<case>-<n>`; anything else is shown cut
+        // and reduced to safe characters (it is attacker text).
+        let id = id.map(|i| {
+            i.chars()
+                .take(80)
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+                .collect()
+        });
+        Access { resource, interaction, id, client: None }
+    }
+}
+
+fn authorize(state: &FhirState, headers: &HeaderMap, access: &mut Access) -> Result<(), FhirError> {
     use crate::fhir_auth::AuthError;
     let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.clients.authorize(header, resource, interaction) {
-        Ok(_) => Ok(()),
+    match state.authority.authorize(header, access.resource, access.interaction) {
+        Ok(caller) => {
+            access.client = Some(caller.client);
+            Ok(())
+        }
         Err(e @ AuthError::NoToken) => Err(FhirError::new(StatusCode::UNAUTHORIZED, "login", e.to_string())),
-        Err(e @ AuthError::UnknownToken) => Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string())),
-        Err(e @ AuthError::OutOfScope { .. }) => Err(FhirError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())),
+        Err(e @ (AuthError::UnknownToken | AuthError::Expired)) => {
+            Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string()))
+        }
+        Err(e @ AuthError::OutOfScope { .. }) => {
+            if let AuthError::OutOfScope { client, .. } = &e {
+                access.client = Some(client.clone());
+            }
+            Err(FhirError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))
+        }
     }
+}
+
+/// Writes the audit record of `access` with the result's status, then returns the
+/// result (or 503 if the record could not be written).
+async fn audited(state: &FhirState, access: Access, result: FhirResult) -> FhirResult {
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status,
+    };
+    let what = match access.interaction {
+        crate::fhir_auth::Interaction::Read => "read",
+        crate::fhir_auth::Interaction::Search => "search",
+    };
+    let target = match &access.id {
+        Some(id) => format!("{}/{id}", access.resource),
+        None => access.resource.to_owned(),
+    };
+    let refusal = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+    let kind = if refusal {
+        "fhir.refused"
+    } else if !status.is_success() {
+        "fhir.failed"
+    } else if what == "read" {
+        "fhir.read"
+    } else {
+        "fhir.search"
+    };
+    let client = access.client.as_deref().unwrap_or("?");
+    let detail = format!("client {client}: {what} {target}: {}", status.as_u16());
+    // The case the resource belongs to (ids are `<case>` or `<case>-<n>`).
+    let case = access.id.as_deref().and_then(|id| id.get(..32)).and_then(|c| c.parse::<CaseId>().ok());
+    state.audit(kind, case, access.client.as_deref(), &detail, refusal).await?;
+    result
 }
 
 fn store_error(e: crate::store::StoreError) -> FhirError {
@@ -436,18 +595,39 @@ async fn case_of(state: &FhirState, id: &str) -> Result<CaseRecord, FhirError> {
 
 type FhirResult = Result<Response, FhirError>;
 
+use crate::fhir_auth::Interaction::{Read, Search};
+
 async fn get_service_request(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers, "ServiceRequest", crate::fhir_auth::Interaction::Read)?;
-    Ok(fhir_json(StatusCode::OK, &service_request(&case_of(&s, &id).await?)))
+    let mut access = Access::new("ServiceRequest", Read, Some(&id));
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        Ok(fhir_json(StatusCode::OK, &service_request(&case_of(&s, &id).await?)))
+    }
+    .await;
+    audited(&s, access, result).await
 }
 
 async fn get_task(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers, "Task", crate::fhir_auth::Interaction::Read)?;
-    Ok(fhir_json(StatusCode::OK, &task(&case_of(&s, &id).await?, &s.node)))
+    let mut access = Access::new("Task", Read, Some(&id));
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        Ok(fhir_json(StatusCode::OK, &task(&case_of(&s, &id).await?, &s.node)))
+    }
+    .await;
+    audited(&s, access, result).await
 }
 
 async fn search_tasks(State(s): State<FhirState>, headers: HeaderMap) -> FhirResult {
-    authorize(&s, &headers, "Task", crate::fhir_auth::Interaction::Search)?;
+    let mut access = Access::new("Task", Search, None);
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        search_tasks_inner(&s).await
+    }
+    .await;
+    audited(&s, access, result).await
+}
+
+async fn search_tasks_inner(s: &FhirState) -> FhirResult {
     let mut tasks = Vec::new();
     for summary in s.store.summaries().await.map_err(store_error)?.into_iter().take(PAGE_MAX as usize) {
         if let Some(record) = s.store.case(&summary.id).await.map_err(store_error)? {
@@ -458,19 +638,34 @@ async fn search_tasks(State(s): State<FhirState>, headers: HeaderMap) -> FhirRes
 }
 
 async fn get_diagnostic_report(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers, "DiagnosticReport", crate::fhir_auth::Interaction::Read)?;
-    let record = case_of(&s, &id).await?;
-    let report = diagnostic_report(&record)
-        .ok_or_else(|| FhirError::new(StatusCode::NOT_FOUND, "not-found", format!("case {id} has no report yet")))?;
-    Ok(fhir_json(StatusCode::OK, &report))
+    let mut access = Access::new("DiagnosticReport", Read, Some(&id));
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        let record = case_of(&s, &id).await?;
+        let report = diagnostic_report(&record).ok_or_else(|| {
+            FhirError::new(StatusCode::NOT_FOUND, "not-found", format!("case {id} has no report yet"))
+        })?;
+        Ok(fhir_json(StatusCode::OK, &report))
+    }
+    .await;
+    audited(&s, access, result).await
 }
 
 async fn get_observation(State(s): State<FhirState>, headers: HeaderMap, Path(id): Path<String>) -> FhirResult {
-    authorize(&s, &headers, "Observation", crate::fhir_auth::Interaction::Read)?;
+    let mut access = Access::new("Observation", Read, Some(&id));
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        observation_inner(&s, &id).await
+    }
+    .await;
+    audited(&s, access, result).await
+}
+
+async fn observation_inner(s: &FhirState, id: &str) -> FhirResult {
     let not_found = || FhirError::new(StatusCode::NOT_FOUND, "not-found", format!("no Observation {id}"));
     let (case, n) = id.rsplit_once('-').ok_or_else(not_found)?;
     let n: usize = n.parse().map_err(|_| not_found())?;
-    let record = case_of(&s, case).await?;
+    let record = case_of(s, case).await?;
     let obs = observations(&record);
     let value = n.checked_sub(1).and_then(|i| obs.get(i)).ok_or_else(not_found)?;
     Ok(fhir_json(StatusCode::OK, value))
@@ -486,7 +681,16 @@ struct AuditQuery {
 }
 
 async fn search_audit(State(s): State<FhirState>, headers: HeaderMap, Query(q): Query<AuditQuery>) -> FhirResult {
-    authorize(&s, &headers, "AuditEvent", crate::fhir_auth::Interaction::Search)?;
+    let mut access = Access::new("AuditEvent", Search, None);
+    let result = async {
+        authorize(&s, &headers, &mut access)?;
+        search_audit_inner(&s, q).await
+    }
+    .await;
+    audited(&s, access, result).await
+}
+
+async fn search_audit_inner(s: &FhirState, q: AuditQuery) -> FhirResult {
     let count = q.count.unwrap_or(100).clamp(1, PAGE_MAX);
     let records = s.store.audit_from(q.from.unwrap_or(1), count).await.map_err(store_error)?;
     let events = records.iter().map(|r| audit_event(r, &s.node)).collect();
@@ -496,17 +700,83 @@ async fn search_audit(State(s): State<FhirState>, headers: HeaderMap, Query(q): 
 async fn unknown(State(s): State<FhirState>, headers: HeaderMap) -> FhirResult {
     // Any valid token learns only that the path does not exist.
     let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if let Err(e) = s.clients.authorize(header, "*", crate::fhir_auth::Interaction::Read)
+    if let Err(e) = s.authority.authorize(header, "*", crate::fhir_auth::Interaction::Read)
         && !matches!(e, crate::fhir_auth::AuthError::OutOfScope { .. })
     {
-        return Err(FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string()));
+        let err = FhirError::new(StatusCode::UNAUTHORIZED, "security", e.to_string());
+        s.audit("fhir.refused", None, None, &format!("client ?: unknown path: 401 ({e})"), true).await?;
+        return Err(err);
     }
     Err(FhirError::new(StatusCode::NOT_FOUND, "not-supported", "no such resource type or operation here"))
+}
+
+/// The resources and interactions this API serves (CapabilityStatement and docs).
+pub const SERVED: &[(&str, &[&str])] = &[
+    ("ServiceRequest", &["read"]),
+    ("Task", &["read", "search-type"]),
+    ("DiagnosticReport", &["read"]),
+    ("Observation", &["read"]),
+    ("AuditEvent", &["search-type"]),
+];
+
+/// `GET /fhir/metadata`: the server's CapabilityStatement, with the OAuth token
+/// endpoint in its SMART security extension. No token needed (FHIR R4 §3.1.0.2.2).
+pub fn capability_statement(base: &str, at: Millis) -> Value {
+    let resources: Vec<Value> = SERVED
+        .iter()
+        .map(|(ty, interactions)| {
+            json!({
+                "type": ty,
+                "interaction": interactions.iter().map(|i| json!({ "code": i })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": instant(at),
+        "kind": "instance",
+        "software": { "name": "telemed-node", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": "telemed-node FHIR R4 API (consults, reports, audit log)", "url": base },
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{ "url": "token", "valueUri": format!("{base}/auth/token") }],
+                }],
+                "service": [{ "coding": [{
+                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                    "code": "SMART-on-FHIR",
+                }] }],
+                "description": "OAuth 2.0 client-credentials grant (RFC 6749 4.4) with SMART v2 system scopes; client_secret_basic or client_secret_post",
+            },
+            "resource": resources,
+        }],
+    })
+}
+
+async fn metadata(headers: HeaderMap) -> Response {
+    fhir_json(StatusCode::OK, &capability_statement(&crate::fhir_oauth::base_url(&headers), crate::view::now()))
+}
+
+async fn smart_configuration(headers: HeaderMap) -> Response {
+    let body = crate::fhir_oauth::smart_configuration(&crate::fhir_oauth::base_url(&headers));
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 /// The FHIR R4 API, mounted under `/fhir`.
 pub fn router(state: FhirState) -> Router {
     Router::new()
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/.well-known/smart-configuration", get(smart_configuration))
+        .route(
+            "/fhir/auth/token",
+            axum::routing::post(crate::fhir_oauth::token_endpoint)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::fhir_oauth::TOKEN_REQUEST_BYTES_MAX)),
+        )
         .route("/fhir/ServiceRequest/{id}", get(get_service_request))
         .route("/fhir/Task", get(search_tasks))
         .route("/fhir/Task/{id}", get(get_task))

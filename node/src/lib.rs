@@ -19,6 +19,7 @@ pub mod demo;
 pub mod disk_guard;
 pub mod fhir;
 pub mod fhir_auth;
+pub mod fhir_oauth;
 pub mod ingest;
 pub mod load;
 pub mod loadgen;

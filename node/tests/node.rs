@@ -1386,3 +1386,6 @@ mod fhir_api;
 
 #[path = "node/photo_scrub.rs"]
 mod photo_scrub;
+
+#[path = "node/fhir_oauth.rs"]
+mod fhir_oauth;

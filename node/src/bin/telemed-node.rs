@@ -116,6 +116,12 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// FHIR API clients: `fhir client add|list|revoke` edits `[fhir] clients_file`
+    /// (a running node re-reads it within a second).
+    Fhir {
+        #[command(subcommand)]
+        command: FhirCommand,
+    },
     /// Web UI accounts (stored in the node's data directory, Argon2id hashes).
     User {
         #[command(subcommand)]
@@ -174,6 +180,35 @@ enum ModelsCommand {
         #[arg(long, default_value_t = 200)]
         iterations: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum FhirCommand {
+    /// Registered clients of the FHIR API (docs/adr/0009-fhir-oauth-client-credentials.md).
+    Client {
+        #[command(subcommand)]
+        action: FhirClientAction,
+        #[arg(long, default_value = "node.toml", global = true)]
+        config: PathBuf,
+        /// The clients file to edit (default: the config's `[fhir] clients_file`).
+        #[arg(long, global = true)]
+        clients_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FhirClientAction {
+    /// Register a client and print its secret (once: only its SHA-256 is stored).
+    Add {
+        name: String,
+        /// SMART system scopes, e.g. `--scope system/Task.rs --scope system/DiagnosticReport.r`.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// The registered clients, their scopes, and whether revoked.
+    List,
+    /// Revoke a client: no new tokens, and those it holds stop working.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -417,6 +452,39 @@ async fn main() -> anyhow::Result<()> {
                 role.as_str(),
                 node::web::auth::users_path(&config.data_dir).display()
             );
+        }
+        Command::Fhir { command: FhirCommand::Client { action, config, clients_file } } => {
+            let file = match clients_file {
+                Some(f) => f,
+                None => Config::load(&config)?
+                    .fhir
+                    .and_then(|f| f.clients_file)
+                    .context("no [fhir] clients_file in the config (or give --clients-file)")?,
+            };
+            match action {
+                FhirClientAction::Add { name, scopes } => {
+                    let secret = node::fhir_auth::add_client(&file, &name, &scopes, node::view::now())
+                        .map_err(anyhow::Error::msg)?;
+                    eprintln!("client {name} added to {}; its secret (shown only now):", file.display());
+                    println!("{secret}");
+                }
+                FhirClientAction::List => {
+                    for c in node::fhir_auth::list_clients(&file).map_err(anyhow::Error::msg)? {
+                        let scopes: Vec<String> = c.scopes.iter().map(|s| s.to_string()).collect();
+                        let state = if c.revoked { "revoked" } else { "active" };
+                        println!(
+                            "{:<32} {state:<8} {:<26} {}",
+                            c.id,
+                            c.added.as_deref().unwrap_or("-"),
+                            scopes.join(" ")
+                        );
+                    }
+                }
+                FhirClientAction::Revoke { name } => {
+                    node::fhir_auth::revoke_client(&file, &name).map_err(anyhow::Error::msg)?;
+                    println!("client {name} revoked in {}", file.display());
+                }
+            }
         }
         Command::Keygen { name, tier, out } => {
             let (key, csr) = certs::enrol::write_key_and_csr(&out, &name.as_str().into(), tier)?;

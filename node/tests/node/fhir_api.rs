@@ -53,7 +53,7 @@ async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String,
     (status, content_type, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
 }
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let venv = std::env::var_os("TELEMED_PY_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py-venv"));
@@ -79,6 +79,7 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
         listen: "127.0.0.1:0".parse().unwrap(),
         token_file: Some(token_file.clone()),
         clients_file: Some(clients_file(dir.path())),
+        token_lifetime_s: None,
     });
     let hub = node::daemon::start(configs[0].clone()).await.unwrap();
     configs[1].parents = vec![node::config::ParentConfig { name: county.into(), tier: Tier::County, addr: hub.addr }];
@@ -238,9 +239,21 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     // messages on stdout, and as RFC 5424 syslog datagrams to a loopback receiver.
     let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     receiver.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let syslog_addr = receiver.local_addr().unwrap();
+    // Received while the export runs: a loopback socket's default buffer (208 KiB)
+    // holds only about fifty of these datagrams.
+    let received = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        while let Ok(n) = receiver.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+            receiver.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        }
+        got
+    });
     let export = std::process::Command::new(env!("CARGO_BIN_EXE_telemed-node"))
         .args(["audit", "export", "--format", "atna", "--syslog-udp"])
-        .arg(receiver.local_addr().unwrap().to_string())
+        .arg(syslog_addr.to_string())
         .arg("--config")
         .arg(&config_file)
         .output()
@@ -281,10 +294,10 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     }
     let parsed = std::process::Command::new("xmllint").arg("--noout").args(&xml_files).output().unwrap();
     assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
-    let mut buf = vec![0u8; 70_000];
-    for (i, xml) in messages.iter().enumerate() {
-        let n = receiver.recv(&mut buf).unwrap_or_else(|e| panic!("syslog datagram {i} of {}: {e}", messages.len()));
-        let text = std::str::from_utf8(&buf[..n]).unwrap();
+    let datagrams = received.join().unwrap();
+    assert_eq!(datagrams.len(), messages.len(), "one syslog datagram per record");
+    for (xml, datagram) in messages.iter().zip(&datagrams) {
+        let text = std::str::from_utf8(datagram).unwrap();
         let (header, body) = text.split_once('\u{feff}').expect("the BOM before the XML");
         assert!(header.starts_with("<85>1 ") && header.ends_with(" telemed-node - IHE+RFC-3881 - "), "{header}");
         assert_eq!(body, format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>{xml}"), "datagrams in chain order");
