@@ -16,7 +16,9 @@
 //!   DeidentificationMethod and DeidentificationMethodCodeSequence (DCM 113100) are
 //!   set. A file whose BurnedInAnnotation is YES is refused, or passed with a flag in
 //!   its method text when the policy says so ([`BurnedInPolicy`]): burned-in text is
-//!   pixel data, which this module never rewrites.
+//!   pixel data, which this module never rewrites. So is an image without the
+//!   attribute (or with it empty) of a kind that commonly shows text in its pixels
+//!   ([`burned_in_text`]: ultrasound, endoscopy, photos, secondary captures, ...).
 //!
 //! The core decides who may see identifiers (`tiers::PrivacyPolicy`); this module
 //! only transforms bytes. It must never log a patient identifier or write the

@@ -7,8 +7,9 @@
 //! township holds the origin-signed identity and the village matches the report
 //! to the patient. A second case carries what is not DICOM: a clinical question
 //! naming the patient, a WFDB ECG whose header comments name the patient, and an
-//! Aperio SVS slide whose description names the patient; none of it may reach
-//! the county either.
+//! Aperio SVS slide whose description names the patient, and a phone photo
+//! (`testdata/zhang_wei_photo.jpg`) whose EXIF, GPS, XMP, IPTC and comment name
+//! the patient; none of it may reach the county either.
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
@@ -152,7 +153,12 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
     std::fs::write(&slide, &svs).unwrap();
     let id2 = v_node
         .submit(SubmitRequest {
-            files: vec![slide.clone(), hea.clone(), dat.clone()],
+            files: vec![
+                slide.clone(),
+                hea.clone(),
+                dat.clone(),
+                node::demo::testdata_dir().join("zhang_wei_photo.jpg"),
+            ],
             study: None,
             modality: Modality::Pathology,
             urgency: Urgency::Urgent,
@@ -257,6 +263,13 @@ async fn a_case_escalated_past_the_boundary_carries_no_direct_identifiers() {
         }
     }
     assert_eq!(dicom_blobs, 1, "the county received the de-identified slice: {county_files:?}");
+    // The photo arrived without any metadata block (its pixels: photo_scrub.rs).
+    let photos: Vec<Vec<u8>> =
+        county_files.iter().map(|f| std::fs::read(f).unwrap()).filter(|b| node::scrub_photo::is_jpeg(b)).collect();
+    assert_eq!(photos.len(), 1, "the county received the photo: {county_files:?}");
+    for marker in ["Exif\0\0", "http://ns.adobe.com/xap/1.0/", "Photoshop 3.0", "bed 4"] {
+        assert!(!contains(&photos[0], marker), "{marker:?} left in the photo at the county");
+    }
     // The slide and the ECG arrived de-identified, and still read.
     let received: Vec<&PathBuf> = county_files.iter().filter(|f| f.to_string_lossy().contains("objects")).collect();
     let slides: Vec<_> = received.iter().filter(|f| node::scrub::is_tiff(&std::fs::read(f).unwrap())).collect();
