@@ -177,15 +177,19 @@ pub enum AtnaError {
     TlsSetup(String),
     #[error("cannot reach the audit repository {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
-    /// The handshake failed: most often the repository's certificate is not from the
-    /// configured CA or does not name the address dialled.
-    #[error(
-        "TLS handshake with the audit repository {addr} failed: {source} \
-         (is the syslog CA the one that issued the repository's certificate, for this name?)"
-    )]
-    Handshake { addr: String, source: std::io::Error },
+    /// The handshake failed: the repository's certificate is not from the configured
+    /// CA or does not name the address dialled, or the repository refused ours.
+    #[error("TLS handshake with the audit repository {addr} failed: {reason}{hint}")]
+    Handshake { addr: String, reason: String, hint: &'static str },
     #[error("syslog over TLS to {addr}: {source}")]
     TlsSend { addr: String, source: std::io::Error },
+    /// The repository ended the connection; `reason` is what it said (a TLS alert
+    /// about our certificate means it does not trust the federation CA).
+    #[error(
+        "the audit repository {addr} ended the connection: {reason} \
+         (an alert about the certificate means it does not accept this node's certificate)"
+    )]
+    Closed { addr: String, reason: String },
 }
 
 /// The TLS client settings for an audit repository: its CA (PEM file with one or more
@@ -247,10 +251,21 @@ pub async fn connect_tls(
         .map_err(|source| AtnaError::Connect { addr: addr.into(), source })?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(config);
+    let handshake_error = |e: std::io::Error| {
+        let reason = e.to_string();
+        let hint = if reason.contains("invalid peer certificate") {
+            " (the repository's certificate is not from the syslog CA, or not for this name)"
+        } else if reason.contains("received fatal alert") {
+            " (the repository refused the connection; an alert about the certificate means it does not accept this node's certificate)"
+        } else {
+            ""
+        };
+        AtnaError::Handshake { addr: addr.into(), reason, hint }
+    };
     tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
         .await
-        .map_err(|_| AtnaError::Handshake { addr: addr.into(), source: timed_out() })?
-        .map_err(|source| AtnaError::Handshake { addr: addr.into(), source })
+        .map_err(|_| handshake_error(timed_out()))?
+        .map_err(handshake_error)
 }
 
 /// Writes one syslog message as an RFC 5425 frame and flushes it, within
@@ -275,20 +290,38 @@ pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
         .map_err(|source| AtnaError::TlsSend { addr: addr.into(), source })
 }
 
+/// Writes one frame on a TLS connection ([`write_frame`]); when that fails, reads
+/// what the repository sent before it went (most often a TLS alert refusing our
+/// certificate, which TLS 1.3 delivers after the client's handshake is done) to say
+/// why.
+pub async fn send_tls(stream: &mut TlsStream, addr: &str, msg: &[u8]) -> Result<(), AtnaError> {
+    match write_frame(stream, addr, msg).await {
+        Err(AtnaError::TlsSend { source, .. }) => {
+            let mut buf = [0u8; 256];
+            let reason = match tokio::time::timeout(std::time::Duration::from_secs(1), stream.read(&mut buf)).await {
+                Ok(Err(e)) => e.to_string(),
+                _ => source.to_string(),
+            };
+            Err(AtnaError::Closed { addr: addr.into(), reason })
+        }
+        other => other,
+    }
+}
+
 /// Ends a TLS syslog session: sends close_notify and FIN, then waits (at most
 /// `wait`) for the repository to close its side. A repository that refused our
 /// client certificate says so here (TLS 1.3 lets the client finish its handshake
 /// before the server has checked the client's certificate), so an error here means
 /// what was sent may not have been taken.
 pub async fn close_tls(mut stream: TlsStream, addr: &str, wait: std::time::Duration) -> Result<(), AtnaError> {
-    let send_err = |source| AtnaError::TlsSend { addr: addr.into(), source };
-    stream.shutdown().await.map_err(send_err)?;
+    let shutdown = stream.shutdown().await;
     let mut buf = [0u8; 256];
+    let closed = |reason: String| AtnaError::Closed { addr: addr.into(), reason };
     match tokio::time::timeout(wait, stream.read(&mut buf)).await {
-        // EOF (with or without its close_notify): the repository read everything.
-        Ok(Ok(_)) | Err(_) => Ok(()),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
-        Ok(Err(source)) => Err(AtnaError::TlsSend { addr: addr.into(), source }),
+        Ok(Err(e)) if e.kind() != std::io::ErrorKind::UnexpectedEof => Err(closed(e.to_string())),
+        // EOF (with or without its close_notify), or nothing within `wait`: the
+        // repository took what was sent.
+        _ => shutdown.map_err(|e| closed(e.to_string())),
     }
 }
 

@@ -245,7 +245,7 @@ impl Sender {
                 );
                 self.last_behind_log = None;
             }
-            backoff = BACKOFF_MIN;
+            let (before, started) = (self.delivered, Instant::now());
             let why = self.serve(conn).await;
             // Everything not confirmed on that connection goes again on the next.
             self.unconfirmed.clear();
@@ -256,7 +256,13 @@ impl Sender {
                 "ATNA audit repository connection ended ({why}); unconfirmed records will be sent again"
             );
             down_since = Some(Instant::now());
-            self.idle(BACKOFF_MIN).await;
+            // A connection that delivered nothing (e.g. a repository that refuses our
+            // certificate after the handshake) counts as a failed attempt: back off.
+            if self.delivered > before || started.elapsed() >= BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            self.idle(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 

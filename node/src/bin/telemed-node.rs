@@ -301,8 +301,7 @@ async fn main() -> anyhow::Result<()> {
                             syslog.send(record, &node_name)?;
                         }
                         if let Some((addr, stream)) = &mut tls {
-                            node::atna::write_frame(stream, addr, &node::atna::syslog_message(record, &node_name))
-                                .await?;
+                            node::atna::send_tls(stream, addr, &node::atna::syslog_message(record, &node_name)).await?;
                         }
                     } else {
                         writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;

@@ -423,6 +423,31 @@ async fn a_repository_certificate_from_another_ca_is_refused() {
     assert!(repo.received().is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_that_refuses_the_node_certificate_fails_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, config_file, _) = county_with_records(dir.path()).await;
+    let pki = repository_pki("audit repository CA");
+    let ca_file = dir.path().join("audit-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    // A repository that trusts another federation's root only. Under TLS 1.3 the
+    // client finishes its handshake before the server has checked its certificate:
+    // the refusal must still reach the operator.
+    let other = tempfile::tempdir().unwrap();
+    let other_root = root_pem(&county(other.path()));
+    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+        let repo = Repository::start("127.0.0.1:0".parse().unwrap(), &pki, &other_root, versions).await;
+        let out =
+            export(&config_file, &["--syslog-tls", &repo.addr.to_string(), "--syslog-ca", ca_file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{versions:?}: the refusal must fail the export");
+        assert!(stderr.contains(&repo.addr.to_string()), "{versions:?}: the error names the repository: {stderr}");
+        assert!(stderr.to_lowercase().contains("certificate"), "{versions:?}: and the reason: {stderr}");
+        assert!(repo.received().is_empty());
+        assert!(repo.errors.lock().unwrap().iter().any(|e| e.starts_with("handshake")), "{versions:?}");
+    }
+}
+
 /// The daemon's `[audit.syslog]` over TLS to `addr`, confirming records after 2 s.
 fn with_live_export(config: &Config, ca: &Path, addr: SocketAddr) -> Config {
     let mut config = config.clone();
