@@ -221,6 +221,19 @@ struct Sender {
 
 impl Sender {
     async fn run(mut self) {
+        // A cursor beyond the log means the store was replaced under this data
+        // directory: its records were never sent, so start from its beginning.
+        if let Ok(tail) = self.parts.store.audit_tail(1).await {
+            let head = tail.last().map_or(0, |r| r.seq);
+            if self.delivered > head {
+                tracing::warn!(
+                    cursor = self.delivered,
+                    head,
+                    "ATNA export cursor is beyond the audit log (a new store?); sending the log from its start"
+                );
+                self.delivered = 0;
+            }
+        }
         self.update_behind().await;
         let mut backoff = BACKOFF_MIN;
         let mut down_since: Option<Instant> = None;

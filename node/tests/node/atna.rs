@@ -578,7 +578,7 @@ async fn the_daemon_sends_audit_records_live_and_resends_what_an_outage_or_resta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_sends_audit_records_live_over_syslog_udp() {
+async fn the_daemon_sends_audit_records_live_over_syslog_udp_even_after_a_store_change() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut config = county(dir.path());
@@ -592,6 +592,9 @@ async fn the_daemon_sends_audit_records_live_over_syslog_udp() {
             confirm_ms: 2_000,
         }),
     });
+    // A cursor left from another store (beyond this log) does not hide its records.
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    node::atna_sender::write_cursor(&config.data_dir, 999).unwrap();
     let running = node::daemon::start(config.clone()).await.unwrap();
     for i in 0..4 {
         running.audit("web.login", &format!("udp {i}")).await.unwrap();
