@@ -290,6 +290,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             dicom: None,
             inbox: None,
             web: None,
+            audit: None,
             store: None,
             // The demo's ultrasound (US1_J2KR.dcm) lacks BurnedInAnnotation, so the
             // default policy would refuse it (deid.rs): the demo passes it flagged.

@@ -1389,3 +1389,6 @@ mod photo_scrub;
 
 #[path = "node/fhir_oauth.rs"]
 mod fhir_oauth;
+
+#[path = "node/atna.rs"]
+mod atna;
