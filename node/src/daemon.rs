@@ -45,6 +45,11 @@ pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most inputs the core task handles before it commits their writes together (group
 /// commit across inputs: under load, one flush serves many cases).
 pub const INPUT_BATCH_MAX: usize = 64;
+/// On shutdown, attachment fetches still running get this long to stop (their links
+/// are closed first, so they only finish the local disk work they started: writing
+/// queued chunks, or installing a blob that arrived whole); any still running after
+/// it are aborted, which leaves at most a partial file that a later fetch resumes.
+pub const SHUTDOWN_FETCH_WAIT: Duration = Duration::from_secs(10);
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +409,10 @@ struct Core {
     live: LiveLinks,
     authorized: Authorized,
     fetching: BTreeSet<(CaseId, ContentHash)>,
+    /// The attachment fetches running, so that shutdown can wait for them: a fetch
+    /// writes into the data directory, and nothing may write there once
+    /// [`Running::shutdown`] has returned.
+    fetches: tokio::task::JoinSet<()>,
     tx: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     ui_events: tokio::sync::broadcast::Sender<UiEvent>,
@@ -644,6 +653,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         live: LiveLinks::default(),
         authorized,
         fetching: BTreeSet::new(),
+        fetches: tokio::task::JoinSet::new(),
         tx: tx.clone(),
         metrics: metrics.clone(),
         ui_events,
@@ -881,11 +891,38 @@ impl Core {
                 for link in self.links.values() {
                     link.connection.close(0u32.into(), b"shutdown");
                 }
+                rx.close();
+                self.stop_fetches().await;
+                self.store.close().await;
                 break;
             }
             self.control_after_input();
         }
         Ok(())
+    }
+
+    /// Waits (at most [`SHUTDOWN_FETCH_WAIT`]) for the attachment fetches to end, then
+    /// aborts the rest and waits for them to unwind. Their links are closed, so a
+    /// fetch only finishes the disk work it started; what it received stays as the
+    /// resume point (the `Stored` inputs it may still send are dropped with the
+    /// closed queue: after a restart the case is still `Receiving`, and finding the
+    /// blob complete, the node takes custody without fetching it again).
+    async fn stop_fetches(&mut self) {
+        let running = self.fetches.len();
+        if running == 0 {
+            return;
+        }
+        let all_done = async { while self.fetches.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_FETCH_WAIT, all_done).await.is_err() {
+            tracing::warn!(
+                node = %self.config.name,
+                left = self.fetches.len(),
+                "attachment fetches still running after {SHUTDOWN_FETCH_WAIT:?}; aborted (they resume after a restart)"
+            );
+            self.fetches.abort_all();
+            while self.fetches.join_next().await.is_some() {}
+        }
+        tracing::debug!(node = %self.config.name, running, "attachment fetches stopped");
     }
 
     /// Queues an audit record for the next group commit.
@@ -1343,7 +1380,9 @@ impl Core {
         }
         let (conn, blobs, tx, limits) =
             (link.connection.clone(), self.blobs.clone(), self.tx.clone(), self.limits.clone());
-        tokio::spawn(async move {
+        // Forget the fetches that have ended (bounded: one entry per running fetch).
+        while self.fetches.try_join_next().is_some() {}
+        self.fetches.spawn(async move {
             for a in attachments {
                 match transfer::fetch(&conn, &blobs, case_id, &a, &limits).await {
                     Ok(()) => {
