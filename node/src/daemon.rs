@@ -8,6 +8,11 @@
 //! output is acted on. If the store fails, the daemon stops (fail-stop): on restart
 //! the core is restored from what is durable, and custody rules make re-sending safe.
 //!
+//! Writes are group-committed (see [`Core::drain`]); small attachments are journaled
+//! in the store with the commit that takes custody of them (ADR 0009). Shutdown waits
+//! for running fetches and closes the store: nothing is written to the data
+//! directory after [`Running::shutdown`] returns.
+//!
 //! This module must never decide where a case goes: it only executes the core's
 //! outputs and feeds it inputs.
 

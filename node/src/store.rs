@@ -11,6 +11,13 @@
 //!   hash-chained and signed with the node key ([`SqliteStore::audit`],
 //!   [`SqliteStore::verify_audit_chain`]).
 //!
+//! - the **blob journal**: the bytes of small attachments committed with the case
+//!   that took custody of them, until their files are durable (ADR 0009,
+//!   [`Write::Blob`], [`Write::ForgetBlob`]).
+//!
+//! WAL checkpoints run on a connection of their own in the background, so no commit
+//! pays for one (a safety-valve autocheckpoint stays at a high page count).
+//!
 //! Durability contract: [`SqliteStore::apply`] returns only after its transaction
 //! committed with `synchronous=FULL`, so the driver may act on the core's later
 //! outputs (send a receipt, forward a case) as soon as it returns; so does

@@ -15,6 +15,10 @@
 //!   and a file that does not match the attachment's hash is deleted, never becomes
 //!   an object.
 //!
+//! Attachments of at most [`JOURNAL_BLOB_LEN_MAX`] may instead be fetched whole into
+//! memory with [`fetch_to_memory`] (same checks, nothing written here), for the
+//! daemon to journal them in the store with the custody commit (ADR 0009).
+//!
 //! Received chunks are hashed and written on a blocking thread while the next ones
 //! arrive; partial files are synced in the background, not per chunk, and an object
 //! is installed only once its data is fsynced (see [`crate::blobs`] for what a crash
