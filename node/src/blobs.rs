@@ -14,7 +14,7 @@
 //! - A file appears under `objects/` only by an atomic rename, after its whole
 //!   content was hashed and matched the name, and after it was fsynced — or, for a
 //!   small blob received from a peer, after its bytes were committed to the store's
-//!   blob journal (ADR 0009, [`BlobStore::install_journaled`]): such a file is made
+//!   blob journal (ADR 0010, [`BlobStore::install_journaled`]): such a file is made
 //!   durable later ([`BlobStore::sync_objects`]) and, until then, repaired from the
 //!   journal on start ([`BlobStore::restore_journaled`]) before anything reads it.
 //!   A blob under `objects/` is therefore complete and correct once the node runs; a
@@ -253,7 +253,7 @@ impl BlobStore {
     }
 
     /// Writes small blobs whose bytes the store's blob journal already holds durably
-    /// (ADR 0009) into `objects/`, by a temporary file and a rename, **without
+    /// (ADR 0010) into `objects/`, by a temporary file and a rename, **without
     /// fsync**: the journal is the durable copy until [`BlobStore::sync_objects`]
     /// has run, and [`BlobStore::restore_journaled`] repairs the file after a crash.
     /// The caller has checked that `bytes` hash to `hash`. Idempotent.

@@ -9,7 +9,7 @@
 //! the core is restored from what is durable, and custody rules make re-sending safe.
 //!
 //! Writes are group-committed (see [`Core::drain`]); small attachments are journaled
-//! in the store with the commit that takes custody of them (ADR 0009). Shutdown waits
+//! in the store with the commit that takes custody of them (ADR 0010). Shutdown waits
 //! for running fetches and closes the store: nothing is written to the data
 //! directory after [`Running::shutdown`] returns.
 //!
@@ -56,7 +56,7 @@ pub const INPUT_BATCH_MAX: usize = 64;
 /// it are aborted, which leaves at most a partial file that a later fetch resumes.
 pub const SHUTDOWN_FETCH_WAIT: Duration = Duration::from_secs(10);
 /// Bytes of small attachments held in memory at most, between their fetch and the
-/// commit that journals them (ADR 0009); past it, small ones go the file way too.
+/// commit that journals them (ADR 0010); past it, small ones go the file way too.
 pub const JOURNAL_BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
 /// Journaled blobs whose files are fsynced in one background batch at most; their
 /// journal rows are dropped with a later commit (or once this many wait).
@@ -160,6 +160,8 @@ pub struct Metrics {
     pub messages_out: AtomicU64,
     pub peer_refusals: AtomicU64,
     pub links_up: AtomicU64,
+    /// The live ATNA audit export (`[audit.syslog]`, atna_sender.rs).
+    pub atna: Arc<crate::atna_sender::SenderMetrics>,
 }
 
 impl Metrics {
@@ -176,6 +178,17 @@ impl Metrics {
             ("telemed_messages_out_total", "Messages sent to peers", g(&self.messages_out)),
             ("telemed_peer_refusals_total", "Peer messages refused", g(&self.peer_refusals)),
             ("telemed_links_up", "Links currently up", g(&self.links_up)),
+            ("telemed_audit_syslog_sent_total", "Audit records delivered to the ATNA repository", g(&self.atna.sent)),
+            (
+                "telemed_audit_syslog_behind",
+                "Audit records not yet delivered to the ATNA repository",
+                g(&self.atna.behind),
+            ),
+            (
+                "telemed_audit_syslog_connection_failures_total",
+                "ATNA repository connections that failed or ended",
+                g(&self.atna.connection_failures),
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {}\n{name}{{node=\"{node}\"}} {v}\n",
@@ -206,7 +219,7 @@ enum Input {
         error: Option<String>,
     },
     /// A small attachment arrived whole and verified, in memory: it is journaled with
-    /// the next commit and its file written after it (ADR 0009).
+    /// the next commit and its file written after it (ADR 0010).
     Received {
         case_id: CaseId,
         hash: ContentHash,
@@ -478,6 +491,8 @@ struct Core {
     pending: Vec<crate::store::Write>,
     /// UI events of those inputs, published once their writes committed.
     ui_pending: Vec<UiEvent>,
+    /// Wakes the live ATNA export after a commit (capacity 1, `try_send`: never waits).
+    atna_wake: Option<mpsc::Sender<()>>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -664,6 +679,25 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         None => None,
     };
     let control_plane = control.as_ref().map(|c| c.handle.clone());
+    // Live ATNA audit export (optional): its own task follows the committed log.
+    let mut atna_wake = None;
+    if let Some(syslog) = config.audit.as_ref().and_then(|a| a.syslog.clone()) {
+        let (wake, task) = crate::atna_sender::spawn(crate::atna_sender::SenderParts {
+            config: syslog,
+            store: store.clone(),
+            node: config.node_name(),
+            data_dir: config.data_dir.clone(),
+            creds: NodeCredentials {
+                chain: creds.chain.clone(),
+                key: creds.key.clone_key(),
+                public_key: creds.public_key,
+            },
+            metrics: metrics.atna.clone(),
+        })
+        .map_err(DaemonError::Config)?;
+        atna_wake = Some(wake);
+        background.push(task);
+    }
 
     let limits = TransferLimits {
         chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
@@ -721,6 +755,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         models,
         pending: Vec::new(),
         ui_pending: Vec::new(),
+        atna_wake,
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -738,7 +773,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
 }
 
 /// Before the core starts: every blob still in the store's journal (its file was
-/// written without fsync, ADR 0009) is checked against its file, rewritten from the
+/// written without fsync, ADR 0010) is checked against its file, rewritten from the
 /// journal if a power cut lost or damaged it, made durable, and dropped from the
 /// journal. Bounded: each round drops the rows it handled.
 async fn restore_journaled_blobs(store: &Store, blobs: &BlobStore) -> Result<(), DaemonError> {
@@ -1420,6 +1455,9 @@ impl Core {
                     tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
                     return Err(e.into());
                 }
+                if let Some(wake) = &self.atna_wake {
+                    let _ = wake.try_send(()); // full: a wake is already queued
+                }
             }
             self.install_journaled().await?;
             for event in self.ui_pending.drain(..) {
@@ -1560,7 +1598,7 @@ impl Core {
         self.fetches.spawn(async move {
             for a in attachments {
                 // Small ones into memory, to be journaled with the custody commit
-                // (ADR 0009), while the memory budget allows.
+                // (ADR 0010), while the memory budget allows.
                 let permit = (a.size_bytes <= transfer::JOURNAL_BLOB_LEN_MAX)
                     .then(|| budget.clone().try_acquire_many_owned(a.size_bytes.max(1) as u32).ok())
                     .flatten();

@@ -12,7 +12,7 @@
 //!   [`SqliteStore::verify_audit_chain`]).
 //!
 //! - the **blob journal**: the bytes of small attachments committed with the case
-//!   that took custody of them, until their files are durable (ADR 0009,
+//!   that took custody of them, until their files are durable (ADR 0010,
 //!   [`Write::Blob`], [`Write::ForgetBlob`]).
 //!
 //! WAL checkpoints run on a connection of their own in the background, so no commit
@@ -67,8 +67,34 @@ const AUDIT_HASH_DOMAIN: &[u8] = b"telemed-audit-v1\0";
 /// SQLite's primary result code for "database or disk is full".
 const SQLITE_FULL: i32 = 13;
 
+#[cfg(feature = "hub")]
 mod postgres;
-pub use postgres::{PgStore, redact_url};
+#[cfg(feature = "hub")]
+pub use postgres::PgStore;
+
+/// `url` with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let sep = if rest.contains('/') { "/" } else { "" };
+    let pass = if userinfo.contains(':') { ":***" } else { "" };
+    format!("{scheme}://{user}{pass}@{host}{sep}{path}")
+}
+
+/// The refusal of a PostgreSQL store by a build without the `hub` feature.
+#[cfg(not(feature = "hub"))]
+fn no_postgres(url: &str) -> StoreError {
+    StoreError::Invalid {
+        what: "the store URL",
+        reason: format!(
+            "{}: this build has no PostgreSQL support (the village build leaves it out); \
+             use SQLite (no `[store] url`) or a build with the `hub` feature",
+            redact_url(url)
+        ),
+    }
+}
 
 /// One embedded schema migration.
 struct Migration {
@@ -137,6 +163,7 @@ fn is_disk_full(e: &sqlx::Error) -> bool {
     match e {
         // PostgreSQL's SQLSTATE 53100 disk_full.
         sqlx::Error::Database(d) if d.code().as_deref() == Some("53100") => true,
+        #[cfg(feature = "hub")]
         sqlx::Error::Database(d) if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => false,
         sqlx::Error::Database(d) => {
             d.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == SQLITE_FULL)
@@ -205,7 +232,7 @@ struct Writer {
 /// How often the background checkpointer copies committed WAL pages into the
 /// database file (`PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own), so
 /// that no commit pays for a checkpoint: with attachments journaled in the store
-/// (ADR 0009) the WAL passes SQLite's default 1000 pages every few dozen cases, and
+/// (ADR 0010) the WAL passes SQLite's default 1000 pages every few dozen cases, and
 /// the commit that crossed it would copy and fsync megabytes before returning.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// WAL pages after which the writer checkpoints by itself after a commit: a safety
@@ -289,6 +316,7 @@ impl std::fmt::Display for StoreLocation {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    #[cfg(feature = "hub")]
     Postgres(PgStore),
 }
 
@@ -296,6 +324,7 @@ macro_rules! each_backend {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Sqlite($s) => $e,
+            #[cfg(feature = "hub")]
             Store::Postgres($s) => $e,
         }
     };
@@ -307,7 +336,10 @@ impl Store {
     pub async fn open(location: &StoreLocation, audit_key: SigningKey) -> Result<Store, StoreError> {
         Ok(match location {
             StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open(path, audit_key).await?),
+            #[cfg(feature = "hub")]
             StoreLocation::Postgres(url) => Store::Postgres(PgStore::open(url, audit_key).await?),
+            #[cfg(not(feature = "hub"))]
+            StoreLocation::Postgres(url) => return Err(no_postgres(url)),
         })
     }
 
@@ -315,7 +347,10 @@ impl Store {
     pub async fn open_read_only(location: &StoreLocation) -> Result<Store, StoreError> {
         Ok(match location {
             StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open_read_only(path).await?),
+            #[cfg(feature = "hub")]
             StoreLocation::Postgres(url) => Store::Postgres(PgStore::open_read_only(url).await?),
+            #[cfg(not(feature = "hub"))]
+            StoreLocation::Postgres(url) => return Err(no_postgres(url)),
         })
     }
 
@@ -323,6 +358,7 @@ impl Store {
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
+            #[cfg(feature = "hub")]
             Store::Postgres(_) => "postgres",
         }
     }
@@ -411,7 +447,7 @@ pub enum Write {
     Change(Change),
     /// As [`Store::audit`].
     Audit { at: Millis, kind: String, case: Option<CaseId>, peer: Option<String>, detail: String },
-    /// Keeps the bytes of a small attachment in the blob journal (ADR 0009), durable
+    /// Keeps the bytes of a small attachment in the blob journal (ADR 0010), durable
     /// with the rest of the batch. The caller has checked that `bytes` hash to
     /// `hash`. Idempotent: a hash already journaled is left as it is.
     Blob { hash: ContentHash, bytes: Arc<Vec<u8>> },
@@ -1063,6 +1099,7 @@ macro_rules! impl_store_row {
     };
 }
 impl_store_row!(sqlx::sqlite::SqliteRow);
+#[cfg(feature = "hub")]
 impl_store_row!(sqlx::postgres::PgRow);
 
 /// The values of [`sql::CASE_UPSERT`].

@@ -17,7 +17,7 @@
 //!
 //! Attachments of at most [`JOURNAL_BLOB_LEN_MAX`] may instead be fetched whole into
 //! memory with [`fetch_to_memory`] (same checks, nothing written here), for the
-//! daemon to journal them in the store with the custody commit (ADR 0009).
+//! daemon to journal them in the store with the custody commit (ADR 0010).
 //!
 //! Received chunks are hashed and written on a blocking thread while the next ones
 //! arrive; partial files are synced in the background, not per chunk, and an object
@@ -234,7 +234,7 @@ pub async fn fetch(
 /// Fetches the whole attachment `att`, at most [`JOURNAL_BLOB_LEN_MAX`] bytes, into
 /// memory: every chunk checked against its hash, the whole against the attachment's
 /// hash. Nothing is written to disk (the caller journals the bytes in the store,
-/// ADR 0009); a failed fetch keeps nothing, and the next one starts over.
+/// ADR 0010); a failed fetch keeps nothing, and the next one starts over.
 pub async fn fetch_to_memory(
     conn: &Connection,
     case_id: CaseId,
@@ -258,7 +258,7 @@ pub async fn fetch_to_memory(
 }
 
 /// Attachments up to this size are received into memory and journaled in the store
-/// with the commit that takes custody (one flush, ADR 0009), instead of being written
+/// with the commit that takes custody (one flush, ADR 0010), instead of being written
 /// and fsynced as a file (two more flushes) before that commit.
 pub const JOURNAL_BLOB_LEN_MAX: u64 = 1024 * 1024;
 

@@ -1386,3 +1386,6 @@ mod fhir_api;
 
 #[path = "node/shutdown.rs"]
 mod shutdown;
+
+#[path = "node/atna.rs"]
+mod atna;

@@ -1,4 +1,4 @@
--- Schema v2: the blob journal (docs/adr/0009-small-attachments-journaled-in-the-store.md).
+-- Schema v2: the blob journal (docs/adr/0010-small-attachments-journaled-in-the-store.md).
 --
 -- The bytes of a small attachment received from a peer are committed here in the
 -- same transaction as the case that now holds it, so that one flush makes both
