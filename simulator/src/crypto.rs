@@ -17,6 +17,11 @@
 //! envelopes the stand-in signed, with their content type and signer. `verify`
 //! looks the exact bytes up there and, on a hit, reads the payload in place; on a
 //! miss (the memo is bounded) it does the full check. Same bytes, same answer.
+//! The memo is also every core's memory of opened envelopes
+//! ([`Crypto::recall_opened`]): bytes one node verified and decoded are neither
+//! checked nor decoded again only to be kept (a trail's hops, findings) at the next,
+//! and the cores keep no memory of their own (256 envelopes per core were a third
+//! of the `china` day's heap).
 //!
 //! `telemed-sim run --crypto real` runs the same scenario with [`tiers::Ed25519Crypto`];
 //! the trace hash is the same (see `tests/sim.rs`).
@@ -32,11 +37,21 @@ use tiers::crypto::DigestHasher;
 /// How many signed envelopes the memo remembers (~100 bytes each).
 pub const MEMO_LEN_MAX: usize = 1 << 20;
 
-/// Envelopes the stand-in signed in this run: hash → (content type, signer).
+/// Envelopes the stand-in signed in this run, and those a node opened (verified and
+/// decoded as their content type's body): hash → what is known of the bytes.
 #[derive(Debug, Default)]
 pub struct Memo {
-    signed: HashMap<ContentHash, (u8, PublicKey), BuildHasherDefault<DigestHasher>>,
+    signed: HashMap<ContentHash, MemoEntry, BuildHasherDefault<DigestHasher>>,
     order: VecDeque<ContentHash>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MemoEntry {
+    content_type: u8,
+    /// A node opened these bytes under `content_type` (or signed them): they
+    /// decode as its body, so no node needs to decode them only to check that.
+    opened: bool,
+    signer: PublicKey,
 }
 
 impl Memo {
@@ -52,8 +67,17 @@ impl Memo {
         self.order.is_empty()
     }
 
-    fn insert(&mut self, hash: ContentHash, ct: u8, signer: PublicKey) {
-        if self.signed.insert(hash, (ct, signer)).is_none() {
+    fn insert(&mut self, hash: ContentHash, ct: u8, signer: PublicKey, opened: bool) {
+        let entry = MemoEntry { content_type: ct, opened, signer };
+        if let Some(old) = self.signed.get_mut(&hash) {
+            // The same bytes carry one content type and one key id; `opened` only
+            // ever goes from false to true.
+            if old.content_type == ct && old.signer == signer {
+                old.opened |= opened;
+            }
+            return;
+        }
+        if self.signed.insert(hash, entry).is_none() {
             self.order.push_back(hash);
             if self.order.len() > MEMO_LEN_MAX
                 && let Some(old) = self.order.pop_front()
@@ -135,7 +159,7 @@ impl Crypto for KeyedHashCrypto {
             keyed_hash(&self.public_key, data).to_vec()
         })?;
         if let Some(ct) = content_type_id(content_type) {
-            self.memo().insert(env.hash(), ct, self.public_key);
+            self.memo().insert(env.hash(), ct, self.public_key, false);
         }
         Ok(env)
     }
@@ -152,14 +176,26 @@ impl Crypto for KeyedHashCrypto {
     ) -> Result<(PublicKey, Vec<u8>), Error> {
         let ct = content_type_id(content_type);
         let known = self.memo().signed.get(hash).copied();
-        if let (Some(ct), Some((signed_ct, signer))) = (ct, known)
-            && ct == signed_ct
+        if let (Some(ct), Some(known)) = (ct, known)
+            && ct == known.content_type
         {
-            return Ok((signer, env.as_bytes()[env.payload_range()?].to_vec()));
+            return Ok((known.signer, env.as_bytes()[env.payload_range()?].to_vec()));
         }
         env.verify_with(content_type, |signer, data, signature| {
             if signature == keyed_hash(signer, data).as_slice() { Ok(()) } else { Err(Error::BadSignature) }
         })
+    }
+
+    fn recall_opened(&self, hash: &ContentHash, content_type: &str) -> Option<PublicKey> {
+        let ct = content_type_id(content_type)?;
+        let known = self.memo().signed.get(hash).copied()?;
+        (known.opened && known.content_type == ct).then_some(known.signer)
+    }
+
+    fn note_opened(&self, hash: &ContentHash, content_type: &'static str, signer: PublicKey) {
+        if let Some(ct) = content_type_id(content_type) {
+            self.memo().insert(*hash, ct, signer, true);
+        }
     }
 }
 
@@ -191,5 +227,23 @@ mod tests {
             assert_eq!(v.verify(&a, HOP).unwrap(), sim.verify(&a, HOP).unwrap());
             assert!(v.verify(&a, REPORT).is_err());
         }
+    }
+
+    #[test]
+    fn the_memo_recalls_only_envelopes_a_node_opened_and_only_under_their_content_type() {
+        let sim = KeyedHashCrypto::new(PublicKey([3; 32]), Memo::shared());
+        let env = sim.sign(HOP, to_cbor(&("case", 7u32)).unwrap()).unwrap();
+        let hash = env.hash();
+        assert_eq!(sim.recall_opened(&hash, HOP), None, "signed by the stand-in, but no node opened it yet");
+        let other = KeyedHashCrypto::new(PublicKey([9; 32]), sim.memo.clone());
+        other.note_opened(&hash, HOP, PublicKey([3; 32]));
+        assert_eq!(sim.recall_opened(&hash, HOP), Some(PublicKey([3; 32])), "shared by the run's nodes");
+        assert_eq!(sim.recall_opened(&hash, REPORT), None, "content type must match");
+        let fresh = KeyedHashCrypto::new(PublicKey([9; 32]), Memo::shared());
+        assert_eq!(fresh.recall_opened(&hash, HOP), None, "another run's memo knows nothing of it");
+        // A note with another content type for the same bytes changes nothing.
+        other.note_opened(&hash, REPORT, PublicKey([3; 32]));
+        assert_eq!(sim.recall_opened(&hash, REPORT), None);
+        assert_eq!(sim.memo().len(), 1);
     }
 }

@@ -773,7 +773,32 @@ impl Node {
         self.cases.remove(&case_id);
         self.rearm(case_id); // drops its timer and its counters
         debug_assert!(!self.armed.contains_key(&case_id) && !self.index.contains_key(&case_id));
+        if self.cases.is_empty() {
+            self.release_idle_memory();
+        }
         Ok(())
+    }
+
+    /// With no case held any more, gives back what the emptied maps still allocate
+    /// (an emptied `BTreeMap` keeps its last node, some hundred bytes): most nodes of
+    /// a large network (villages) hold a case now and then and nothing in between.
+    fn release_idle_memory(&mut self) {
+        macro_rules! release_if_empty {
+            ($($field:expr),*) => {$(
+                if $field.is_empty() {
+                    $field = Default::default();
+                }
+            )*};
+        }
+        release_if_empty!(
+            self.cases,
+            self.index,
+            self.timers,
+            self.armed,
+            self.counts.waiting_on,
+            self.counts.no_capacity,
+            self.outputs
+        );
     }
 
     /// This node's capacity right now, signed, for gossip and direct links.
@@ -1553,7 +1578,7 @@ impl Node {
     /// Encodes and signs `body`. Envelopes signed here count as verified here.
     fn sign<T: Serialize>(&mut self, content_type: &'static str, body: &T) -> Result<SignedEnvelope, ActionError> {
         let env = self.sign_only(content_type, body)?;
-        self.verified.insert(env.hash(), content_type, self.public_key);
+        self.remember_opened(env.hash(), content_type, self.public_key);
         Ok(env)
     }
 
@@ -1572,7 +1597,7 @@ impl Node {
         content_type: &'static str,
     ) -> Result<(PublicKey, std::borrow::Cow<'e, [u8]>, bool), federation_proto::Error> {
         let hash = env.hash();
-        if let Some(signer) = self.verified.get(&hash, content_type) {
+        if let Some(signer) = self.recall_opened(&hash, content_type) {
             return Ok((signer, std::borrow::Cow::Borrowed(&env.as_bytes()[env.payload_range()?]), false));
         }
         let (signer, payload) = self.crypto.verify_hashed(env, &hash, content_type)?;
@@ -1591,7 +1616,7 @@ impl Node {
         let (signer, payload, new) = self.verify(env, content_type)?;
         let body = federation_proto::codec::from_cbor(&payload)?;
         if new {
-            self.verified.insert(env.hash(), content_type, signer);
+            self.remember_opened(env.hash(), content_type, signer);
         }
         Ok(Verified { signer, body })
     }
@@ -1604,7 +1629,7 @@ impl Node {
         env: &SignedEnvelope,
         content_type: &'static str,
     ) -> Result<PublicKey, federation_proto::Error> {
-        if let Some(signer) = self.verified.get(&env.hash(), content_type) {
+        if let Some(signer) = self.recall_opened(&env.hash(), content_type) {
             return Ok(signer);
         }
         self.open::<T>(env, content_type).map(|v| v.signer)
@@ -1623,9 +1648,22 @@ impl Node {
         }
         let body = federation_proto::codec::from_cbor(&payload)?;
         if new {
-            self.verified.insert(env.hash(), content_type, signer);
+            self.remember_opened(env.hash(), content_type, signer);
         }
         Ok(body)
+    }
+
+    /// The signer, if these bytes were opened (verified and decoded) or signed here
+    /// before, or, through the [`Crypto`]'s shared memory, by another node.
+    fn recall_opened(&self, hash: &ContentHash, content_type: &'static str) -> Option<PublicKey> {
+        self.verified.get(hash, content_type).or_else(|| self.crypto.recall_opened(hash, content_type))
+    }
+
+    /// Remembers bytes opened or signed here, in this node's memory and the
+    /// [`Crypto`]'s.
+    fn remember_opened(&mut self, hash: ContentHash, content_type: &'static str, signer: PublicKey) {
+        self.verified.insert(hash, content_type, signer);
+        self.crypto.note_opened(&hash, content_type, signer);
     }
 
     fn wrong_state(&self, case_id: CaseId, action: &'static str) -> ActionError {
