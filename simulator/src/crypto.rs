@@ -33,8 +33,9 @@ use std::sync::{Arc, Mutex};
 use tiers::Crypto;
 use tiers::crypto::DigestHasher;
 
-/// How many envelopes the memo remembers (~100 bytes each).
-pub const MEMO_LEN_MAX: usize = 1 << 20;
+/// How many envelopes the memo remembers (~100 bytes each): as many as a table of
+/// 2^20 slots holds (seven eighths); one more would double it to 2^21 slots.
+pub const MEMO_LEN_MAX: usize = (1 << 20) / 8 * 7;
 
 /// Envelopes the cores of this run signed or opened (verified and decoded as their
 /// content type's body): hash → (content type, signer), oldest forgotten first.

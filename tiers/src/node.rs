@@ -263,7 +263,7 @@ pub struct Node {
     timers: BTreeSet<(Millis, CaseId)>,
     /// The wake-up currently armed for each case.
     armed: BTreeMap<CaseId, Millis>,
-    peers: BTreeMap<NodeName, Peer>,
+    peers: Peers,
     /// Peers the driver reported unreachable.
     down: BTreeSet<NodeName>,
     adverts: BTreeMap<NodeName, KnownAdvert>,
@@ -292,7 +292,7 @@ impl Node {
             counts: Counts::default(),
             timers: BTreeSet::new(),
             armed: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            peers: Peers::default(),
             down: BTreeSet::new(),
             adverts: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -323,7 +323,7 @@ impl Node {
                 // The child's verified identity comes back with its next hello; until
                 // then we still know its name and tier from the trail.
                 if let Some(peer) = node.peer_from_trail(&record, from) {
-                    node.peers.insert(from.clone(), peer);
+                    node.peers.insert(peer);
                 }
             }
             match &mut record.status {
@@ -404,7 +404,7 @@ impl Node {
             }));
             return Err(PeerError { peer: name, code: RejectCode::IdentityMismatch, detail });
         }
-        self.peers.insert(name.clone(), peer);
+        self.peers.insert(peer);
         self.down.remove(&name);
         // Cases offered to it or with a report on the way to it: most urgent first,
         // then earliest deadline (a village back online after days sends STAT first).
@@ -1753,6 +1753,34 @@ impl Node {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// The verified peers of a node, sorted by name: a vector, as most nodes (villages)
+/// know a handful of peers, for which a `BTreeMap` allocates a whole node of eleven
+/// slots (and keeps each name twice).
+#[derive(Debug, Default)]
+struct Peers(Vec<Peer>);
+
+impl Peers {
+    fn position(&self, name: &NodeName) -> Result<usize, usize> {
+        self.0.binary_search_by(|p| p.name.cmp(name))
+    }
+
+    fn get(&self, name: &NodeName) -> Option<&Peer> {
+        self.position(name).ok().map(|i| &self.0[i])
+    }
+
+    fn contains_key(&self, name: &NodeName) -> bool {
+        self.position(name).is_ok()
+    }
+
+    /// Inserts or replaces the peer of that name.
+    fn insert(&mut self, peer: Peer) {
+        match self.position(&peer.name) {
+            Ok(i) => self.0[i] = peer,
+            Err(i) => self.0.insert(i, peer),
+        }
     }
 }
 
