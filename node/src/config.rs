@@ -2,7 +2,7 @@
 //!
 //! Every setting has a TOML key; a few that operators commonly change per machine
 //! can be overridden by environment variables (`TELEMED_NAME`, `TELEMED_LISTEN`,
-//! `TELEMED_DATA_DIR`, `TELEMED_METRICS`). This module must never start anything:
+//! `TELEMED_DATA_DIR`, `TELEMED_METRICS`, `TELEMED_AUDIT_SYSLOG_ADDRESS`). This module must never start anything:
 //! it only reads and checks settings.
 
 use federation_proto::{Modality, NodeName, Tier};
@@ -187,6 +187,10 @@ pub struct Config {
     /// The web UI (consult queue, clinic page, admin page); none if absent.
     #[serde(default)]
     pub web: Option<WebConfig>,
+    /// Audit export: `[audit.syslog]` sends every audit record live to an IHE ATNA
+    /// audit record repository (optional; `atna_sender.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::atna_sender::AuditConfig>,
 }
 
 /// The web UI. Plain HTTP: serve it on loopback, or behind a TLS-terminating reverse
@@ -262,6 +266,17 @@ impl Config {
         if let Some(v) = get("TELEMED_STORE_URL") {
             self.store = Some(StoreConfig { url: v });
         }
+        if let Some(v) = get("TELEMED_AUDIT_SYSLOG_ADDRESS") {
+            match self.audit.as_mut().and_then(|a| a.syslog.as_mut()) {
+                Some(syslog) => syslog.address = v,
+                None => {
+                    return Err(ConfigError::Env {
+                        var: "TELEMED_AUDIT_SYSLOG_ADDRESS",
+                        message: "set, but node.toml has no [audit.syslog] section to apply it to".into(),
+                    });
+                }
+            }
+        }
         if let Some(v) = get("TELEMED_METRICS") {
             self.metrics =
                 Some(v.parse().map_err(|e| ConfigError::Env { var: "TELEMED_METRICS", message: format!("{e}") })?);
@@ -291,6 +306,9 @@ impl Config {
                 fix(w);
             }
         }
+        if let Some(ca) = self.audit.as_mut().and_then(|a| a.syslog.as_mut()).and_then(|s| s.ca.as_mut()) {
+            fix(ca);
+        }
     }
 
     /// Checks what the types cannot: parents above this tier, sane numbers.
@@ -318,6 +336,9 @@ impl Config {
         }
         if let Some(control) = &self.control {
             control.check().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(syslog) = self.audit.as_ref().and_then(|a| a.syslog.as_ref()) {
+            syslog.check().map_err(ConfigError::Invalid)?;
         }
         for e in &self.experts {
             if e.on_duty > 0 && e.service_min == 0 {
@@ -395,6 +416,28 @@ key = "node.key"
         c.resolve_paths(Path::new("/etc/telemed"));
         assert_eq!(c.tls.key, PathBuf::from("/etc/telemed/node.key"));
         c.check().unwrap();
+    }
+
+    #[test]
+    fn audit_syslog_section_parses_resolves_its_ca_and_takes_its_env_override() {
+        let text = format!(
+            "{SAMPLE}\n[audit.syslog]\ntransport = \"tls\"\naddress = \"audit.example:6514\"\nca = \"audit-ca.pem\"\n"
+        );
+        let mut c: Config = toml::from_str(&text).unwrap();
+        c.apply_env(|k| (k == "TELEMED_AUDIT_SYSLOG_ADDRESS").then(|| "10.0.0.5:6514".to_owned())).unwrap();
+        c.resolve_paths(Path::new("/etc/telemed"));
+        c.check().unwrap();
+        let syslog = c.audit.unwrap().syslog.unwrap();
+        assert_eq!(syslog.address, "10.0.0.5:6514");
+        assert_eq!(syslog.ca, Some(PathBuf::from("/etc/telemed/audit-ca.pem")));
+        assert_eq!((syslog.facility, syslog.confirm_ms), (10, 2_000));
+        // The override needs the section; a TLS section needs its CA.
+        let mut bare: Config = toml::from_str(SAMPLE).unwrap();
+        let err = bare.apply_env(|k| (k == "TELEMED_AUDIT_SYSLOG_ADDRESS").then(|| "x:1".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("[audit.syslog]"), "{err}");
+        let no_ca: Config =
+            toml::from_str(&format!("{SAMPLE}\n[audit.syslog]\ntransport = \"tls\"\naddress = \"a:1\"\n")).unwrap();
+        assert!(no_ca.check().unwrap_err().to_string().contains("needs `ca`"));
     }
 
     #[test]

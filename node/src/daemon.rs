@@ -134,6 +134,8 @@ pub struct Metrics {
     pub messages_out: AtomicU64,
     pub peer_refusals: AtomicU64,
     pub links_up: AtomicU64,
+    /// The live ATNA audit export (`[audit.syslog]`, atna_sender.rs).
+    pub atna: Arc<crate::atna_sender::SenderMetrics>,
 }
 
 impl Metrics {
@@ -150,6 +152,17 @@ impl Metrics {
             ("telemed_messages_out_total", "Messages sent to peers", g(&self.messages_out)),
             ("telemed_peer_refusals_total", "Peer messages refused", g(&self.peer_refusals)),
             ("telemed_links_up", "Links currently up", g(&self.links_up)),
+            ("telemed_audit_syslog_sent_total", "Audit records delivered to the ATNA repository", g(&self.atna.sent)),
+            (
+                "telemed_audit_syslog_behind",
+                "Audit records not yet delivered to the ATNA repository",
+                g(&self.atna.behind),
+            ),
+            (
+                "telemed_audit_syslog_connection_failures_total",
+                "ATNA repository connections that failed or ended",
+                g(&self.atna.connection_failures),
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {}\n{name}{{node=\"{node}\"}} {v}\n",
@@ -421,6 +434,8 @@ struct Core {
     pending: Vec<crate::store::Write>,
     /// UI events of those inputs, published once their writes committed.
     ui_pending: Vec<UiEvent>,
+    /// Wakes the live ATNA export after a commit (capacity 1, `try_send`: never waits).
+    atna_wake: Option<mpsc::Sender<()>>,
 }
 
 /// Starts a node from its configuration: opens the store and blobs, restores the
@@ -606,6 +621,25 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         None => None,
     };
     let control_plane = control.as_ref().map(|c| c.handle.clone());
+    // Live ATNA audit export (optional): its own task follows the committed log.
+    let mut atna_wake = None;
+    if let Some(syslog) = config.audit.as_ref().and_then(|a| a.syslog.clone()) {
+        let (wake, task) = crate::atna_sender::spawn(crate::atna_sender::SenderParts {
+            config: syslog,
+            store: store.clone(),
+            node: config.node_name(),
+            data_dir: config.data_dir.clone(),
+            creds: NodeCredentials {
+                chain: creds.chain.clone(),
+                key: creds.key.clone_key(),
+                public_key: creds.public_key,
+            },
+            metrics: metrics.atna.clone(),
+        })
+        .map_err(DaemonError::Config)?;
+        atna_wake = Some(wake);
+        background.push(task);
+    }
 
     let limits = TransferLimits {
         chunk_len: federation_proto::codec::CHUNK_LEN_MAX,
@@ -654,6 +688,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         models,
         pending: Vec::new(),
         ui_pending: Vec::new(),
+        atna_wake,
     };
     let task = tokio::spawn(state.run(rx));
     Ok(Running {
@@ -1246,6 +1281,9 @@ impl Core {
                 if let Err(e) = self.store.commit(&writes).await {
                     tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
                     return Err(e.into());
+                }
+                if let Some(wake) = &self.atna_wake {
+                    let _ = wake.try_send(()); // full: a wake is already queued
                 }
             }
             for event in self.ui_pending.drain(..) {

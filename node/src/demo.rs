@@ -290,6 +290,7 @@ pub fn provision(dir: &std::path::Path, plan: &[PlannedNode]) -> anyhow::Result<
             dicom: None,
             inbox: None,
             web: None,
+            audit: None,
             store: None,
             privacy: Default::default(),
             fhir: None,

@@ -7,6 +7,7 @@
 //! and every state change the UI asks for goes through the core's inputs.
 
 pub mod atna;
+pub mod atna_sender;
 pub mod blobs;
 pub mod chunk_index;
 pub mod config;

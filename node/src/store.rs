@@ -60,8 +60,34 @@ const AUDIT_HASH_DOMAIN: &[u8] = b"telemed-audit-v1\0";
 /// SQLite's primary result code for "database or disk is full".
 const SQLITE_FULL: i32 = 13;
 
+#[cfg(feature = "hub")]
 mod postgres;
-pub use postgres::{PgStore, redact_url};
+#[cfg(feature = "hub")]
+pub use postgres::PgStore;
+
+/// `url` with any password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let sep = if rest.contains('/') { "/" } else { "" };
+    let pass = if userinfo.contains(':') { ":***" } else { "" };
+    format!("{scheme}://{user}{pass}@{host}{sep}{path}")
+}
+
+/// The refusal of a PostgreSQL store by a build without the `hub` feature.
+#[cfg(not(feature = "hub"))]
+fn no_postgres(url: &str) -> StoreError {
+    StoreError::Invalid {
+        what: "the store URL",
+        reason: format!(
+            "{}: this build has no PostgreSQL support (the village build leaves it out); \
+             use SQLite (no `[store] url`) or a build with the `hub` feature",
+            redact_url(url)
+        ),
+    }
+}
 
 /// One embedded schema migration.
 struct Migration {
@@ -128,6 +154,7 @@ fn is_disk_full(e: &sqlx::Error) -> bool {
     match e {
         // PostgreSQL's SQLSTATE 53100 disk_full.
         sqlx::Error::Database(d) if d.code().as_deref() == Some("53100") => true,
+        #[cfg(feature = "hub")]
         sqlx::Error::Database(d) if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() => false,
         sqlx::Error::Database(d) => {
             d.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|code| code & 0xff == SQLITE_FULL)
@@ -244,6 +271,7 @@ impl std::fmt::Display for StoreLocation {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    #[cfg(feature = "hub")]
     Postgres(PgStore),
 }
 
@@ -251,6 +279,7 @@ macro_rules! each_backend {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Sqlite($s) => $e,
+            #[cfg(feature = "hub")]
             Store::Postgres($s) => $e,
         }
     };
@@ -262,7 +291,10 @@ impl Store {
     pub async fn open(location: &StoreLocation, audit_key: SigningKey) -> Result<Store, StoreError> {
         Ok(match location {
             StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open(path, audit_key).await?),
+            #[cfg(feature = "hub")]
             StoreLocation::Postgres(url) => Store::Postgres(PgStore::open(url, audit_key).await?),
+            #[cfg(not(feature = "hub"))]
+            StoreLocation::Postgres(url) => return Err(no_postgres(url)),
         })
     }
 
@@ -270,7 +302,10 @@ impl Store {
     pub async fn open_read_only(location: &StoreLocation) -> Result<Store, StoreError> {
         Ok(match location {
             StoreLocation::Sqlite(path) => Store::Sqlite(SqliteStore::open_read_only(path).await?),
+            #[cfg(feature = "hub")]
             StoreLocation::Postgres(url) => Store::Postgres(PgStore::open_read_only(url).await?),
+            #[cfg(not(feature = "hub"))]
+            StoreLocation::Postgres(url) => return Err(no_postgres(url)),
         })
     }
 
@@ -278,6 +313,7 @@ impl Store {
     pub fn backend(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "sqlite",
+            #[cfg(feature = "hub")]
             Store::Postgres(_) => "postgres",
         }
     }
@@ -936,6 +972,7 @@ macro_rules! impl_store_row {
     };
 }
 impl_store_row!(sqlx::sqlite::SqliteRow);
+#[cfg(feature = "hub")]
 impl_store_row!(sqlx::postgres::PgRow);
 
 /// The values of [`sql::CASE_UPSERT`].

@@ -1383,3 +1383,6 @@ mod deid_tools;
 
 #[path = "node/fhir_api.rs"]
 mod fhir_api;
+
+#[path = "node/atna.rs"]
+mod atna;

@@ -30,6 +30,19 @@ enum AuditAction {
         /// repository as syslog over UDP (RFC 5424 / RFC 5426), e.g. 127.0.0.1:514.
         #[arg(long)]
         syslog_udp: Option<std::net::SocketAddr>,
+        /// With `--format atna`: also send each message to this audit record
+        /// repository (`host:port`) as syslog over TLS (RFC 5425, octet-counted
+        /// frames, TLS 1.2+), presenting the node's certificate as the client
+        /// certificate (mutual TLS, as IHE ATNA requires). Needs `--syslog-ca`.
+        #[arg(long, requires = "syslog_ca")]
+        syslog_tls: Option<String>,
+        /// The CA certificate(s) (PEM) the repository's certificate must chain to.
+        #[arg(long)]
+        syslog_ca: Option<PathBuf>,
+        /// The name the repository's certificate must carry (default: the host of
+        /// `--syslog-tls`).
+        #[arg(long)]
+        syslog_server_name: Option<String>,
     },
 }
 
@@ -82,7 +95,7 @@ enum Command {
     /// The audit log: `audit export --format fhir|atna` verifies the hash chain, then
     /// writes every record as a FHIR R4 AuditEvent, one JSON object per line (the
     /// FHIR bulk-data NDJSON format), or as a DICOM PS3.15 A.5 audit message (ATNA)
-    /// per line, optionally also sent as syslog/UDP. Reads the store directly (works while the
+    /// per line, optionally also sent as syslog over TLS (RFC 5425) or UDP. Reads the store directly (works while the
     /// daemon runs).
     Audit {
         #[command(subcommand)]
@@ -240,15 +253,33 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await?;
             let _ = std::fs::remove_file(&socket);
         }
-        Command::Audit { action: AuditAction::Export { config, format, syslog_udp } } => {
+        Command::Audit {
+            action: AuditAction::Export { config, format, syslog_udp, syslog_tls, syslog_ca, syslog_server_name },
+        } => {
             if format != "fhir" && format != "atna" {
                 bail!("unknown export format `{format}` (supported: fhir, atna)");
             }
-            if syslog_udp.is_some() && format != "atna" {
-                bail!("--syslog-udp sends ATNA messages: use it with --format atna");
+            if (syslog_udp.is_some() || syslog_tls.is_some()) && format != "atna" {
+                bail!("--syslog-udp and --syslog-tls send ATNA messages: use them with --format atna");
             }
             let syslog = syslog_udp.map(node::atna::SyslogUdp::new).transpose()?;
             let loaded = Config::load(&config)?;
+            let mut tls = match &syslog_tls {
+                Some(addr) => {
+                    let ca_path = syslog_ca.as_ref().context("--syslog-tls needs --syslog-ca")?;
+                    let ca =
+                        std::fs::read_to_string(ca_path).with_context(|| format!("syslog CA {}", ca_path.display()))?;
+                    let chain_pem = std::fs::read_to_string(&loaded.tls.chain)
+                        .with_context(|| format!("node certificate {}", loaded.tls.chain.display()))?;
+                    let key_pem = std::fs::read_to_string(&loaded.tls.key)
+                        .with_context(|| format!("node key {}", loaded.tls.key.display()))?;
+                    let creds = certs::keys::NodeCredentials::from_pem(&chain_pem, &key_pem)
+                        .context("the node's certificate and key (the TLS client certificate)")?;
+                    let client = node::atna::tls_client_config(&ca, creds.chain, creds.key)?;
+                    Some((addr.clone(), node::atna::connect_tls(addr, syslog_server_name.as_deref(), client).await?))
+                }
+                None => None,
+            };
             let location = loaded.store_location();
             let store = node::store::Store::open_read_only(&location)
                 .await
@@ -269,10 +300,16 @@ async fn main() -> anyhow::Result<()> {
                         if let Some(syslog) = &syslog {
                             syslog.send(record, &node_name)?;
                         }
+                        if let Some((addr, stream)) = &mut tls {
+                            node::atna::send_tls(stream, addr, &node::atna::syslog_message(record, &node_name)).await?;
+                        }
                     } else {
                         writeln!(out, "{}", node::fhir::audit_event(record, &node_name))?;
                     }
                 }
+            }
+            if let Some((addr, stream)) = tls {
+                node::atna::close_tls(stream, &addr, std::time::Duration::from_secs(5)).await?;
             }
             eprintln!("exported {} audit records of {} (chain verified)", next - 1, loaded.name);
         }

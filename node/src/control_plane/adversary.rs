@@ -42,7 +42,7 @@ impl Rogue {
     /// Starts a rogue peer on loopback with `key` as its libp2p identity.
     pub async fn start(key: &SigningKey, admission: Admission) -> Result<Rogue, ControlError> {
         let mut swarm = build_swarm(key)?;
-        listen(&mut swarm, "/ip4/127.0.0.1/udp/0/quic-v1").await?;
+        listen(&mut swarm, "/ip4/127.0.0.1/tcp/0").await?;
         for topic in [ADVERT_TOPIC, CRL_TOPIC] {
             let _ = swarm.behaviour_mut().gossip.subscribe(&gossipsub::IdentTopic::new(topic));
         }

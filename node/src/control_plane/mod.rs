@@ -59,9 +59,9 @@ pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
-    /// libp2p listen address, e.g. `/ip4/0.0.0.0/udp/7500/quic-v1`.
+    /// libp2p listen address, e.g. `/ip4/0.0.0.0/tcp/7500`.
     pub listen: String,
-    /// Peers to join through, each `/ip4/../udp/../quic-v1/p2p/<PeerId>`.
+    /// Peers to join through, each `/ip4/../tcp/../p2p/<PeerId>`.
     #[serde(default)]
     pub bootstrap: Vec<String>,
     /// Adverts are published this often, and whenever capacity changes.
@@ -115,7 +115,7 @@ impl ControlConfig {
     /// A control plane on loopback with an ephemeral port (tests and the demo).
     pub fn loopback() -> ControlConfig {
         ControlConfig {
-            listen: "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
             bootstrap: Vec::new(),
             advert_interval_ms: default_advert_interval_ms(),
             advert_ttl_ms: default_advert_ttl_ms(),
@@ -252,13 +252,19 @@ impl Behaviour {
     }
 }
 
-/// Builds a swarm over QUIC with `key` as its identity.
+/// Builds a swarm over TCP + Noise + yamux with `key` as its identity (ADR 0009: not
+/// libp2p's QUIC, which would link a second TLS crypto provider, aws-lc, into every node).
 pub(crate) fn build_swarm(key: &SigningKey) -> Result<Swarm<Behaviour>, ControlError> {
     let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.to_bytes())
         .map_err(|e| ControlError::Config(format!("node key as libp2p identity: {e}")))?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .map_err(|e| ControlError::Config(format!("libp2p transport: {e}")))?
         .with_behaviour(|key| Behaviour::new(key).map_err(Into::into))
         .map_err(|e| ControlError::Config(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -876,7 +882,7 @@ root = "root.pem"
 chain = "node.pem"
 key = "node.key"
 [control]
-listen = "/ip4/0.0.0.0/udp/7500/quic-v1"
+listen = "/ip4/0.0.0.0/tcp/7500"
 "#;
         let config: crate::config::Config = toml::from_str(base).unwrap();
         let control = config.control.clone().unwrap();
@@ -886,10 +892,10 @@ listen = "/ip4/0.0.0.0/udp/7500/quic-v1"
             let c: crate::config::Config = toml::from_str(&format!("{base}{extra}\n")).unwrap();
             c.check().unwrap_err().to_string()
         };
-        assert!(with("bootstrap = [\"/ip4/127.0.0.1/udp/7500/quic-v1\"]").contains("/p2p/<PeerId>"));
+        assert!(with("bootstrap = [\"/ip4/127.0.0.1/tcp/7500\"]").contains("/p2p/<PeerId>"));
         assert!(with("advert_ttl_ms = 1000").contains("advert_ttl_ms"));
         let bad_listen: crate::config::Config =
-            toml::from_str(&base.replace("/ip4/0.0.0.0/udp/7500/quic-v1", "udp:7500")).unwrap();
+            toml::from_str(&base.replace("/ip4/0.0.0.0/tcp/7500", "tcp:7500")).unwrap();
         assert!(bad_listen.check().unwrap_err().to_string().contains("[control] listen"));
     }
 }

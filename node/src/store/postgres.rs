@@ -25,7 +25,8 @@ use tiers::{CaseRecord, Change};
 use super::{
     AUDIT_KEY_CHANGED, AUDIT_TAIL_MAX, AUDIT_VERIFY_BATCH, AuditEntry, AuditRecord, CaseSummary, ChainCheck,
     StoreError, Write, bind_values, case_values, decode_audit_row, decode_case_row, decode_summary_row, derived_rows,
-    describe, encode_batch, key_change_detail, last_audit, seal_audit, sha256_of, sql, sql_millis, wall_clock,
+    describe, encode_batch, key_change_detail, last_audit, redact_url, seal_audit, sha256_of, sql, sql_millis,
+    wall_clock,
 };
 
 /// Connections in the pool (reads run beside the one writer).
@@ -73,17 +74,6 @@ impl std::fmt::Debug for PgStore {
             .field("writable", &self.inner.write.is_some())
             .finish_non_exhaustive()
     }
-}
-
-/// `url` with any password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let sep = if rest.contains('/') { "/" } else { "" };
-    let pass = if userinfo.contains(':') { ":***" } else { "" };
-    format!("{scheme}://{user}{pass}@{host}{sep}{path}")
 }
 
 fn options(url: &str, read_only: bool) -> Result<PgConnectOptions, StoreError> {

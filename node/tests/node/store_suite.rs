@@ -1,3 +1,4 @@
+#![cfg_attr(not(feature = "hub"), allow(dead_code, unused_imports))]
 //! One store test suite, run against both backends: every test is a function of a
 //! [`Backend`], instantiated once for SQLite (a file in a temporary directory) and
 //! once for PostgreSQL (a fresh database on the test server that
@@ -17,6 +18,7 @@ const MIN: u64 = 60_000;
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Sqlite,
+    #[cfg(feature = "hub")]
     Postgres,
 }
 
@@ -49,6 +51,7 @@ async fn place(backend: Backend) -> Place {
     let dir = tempfile::tempdir().unwrap();
     let location = match backend {
         Backend::Sqlite => StoreLocation::Sqlite(dir.path().join("data").join("node.sqlite")),
+        #[cfg(feature = "hub")]
         Backend::Postgres => {
             let admin = pg_admin_url();
             let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -81,10 +84,13 @@ async fn raw(place: &Place, sqlite: &str, postgres: &str) -> Result<(), sqlx::Er
             let mut conn = sqlx::SqliteConnection::connect_with(&opts).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(sqlite.to_owned())).execute(&mut conn).await.map(drop)
         }
+        #[cfg(feature = "hub")]
         StoreLocation::Postgres(url) => {
             let mut conn = sqlx::PgConnection::connect(url).await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(postgres.to_owned())).execute(&mut conn).await.map(drop)
         }
+        #[cfg(not(feature = "hub"))]
+        StoreLocation::Postgres(_) => unreachable!("no PostgreSQL backend in this build: {postgres}"),
     }
 }
 
@@ -382,6 +388,7 @@ macro_rules! suite {
                 super::$test(super::Backend::Sqlite).await
             })*
         }
+        #[cfg(feature = "hub")]
         mod postgres {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
