@@ -12,9 +12,14 @@
 //!
 //! Architecture invariants:
 //! - A file appears under `objects/` only by an atomic rename, after its whole
-//!   content was hashed and matched the name, and after it was fsynced. A blob under
-//!   `objects/` is therefore complete and correct; a crash leaves at most a partial
-//!   file or a stray import file behind, never a bad object.
+//!   content was hashed and matched the name, and after it was fsynced — or, for a
+//!   small blob received from a peer, after its bytes were committed to the store's
+//!   blob journal (ADR 0010, [`BlobStore::install_journaled`]): such a file is made
+//!   durable later ([`BlobStore::sync_objects`]) and, until then, repaired from the
+//!   journal on start ([`BlobStore::restore_journaled`]) before anything reads it.
+//!   A blob under `objects/` is therefore complete and correct once the node runs; a
+//!   crash leaves at most a partial file or a stray import file behind, never a bad
+//!   object that nothing repairs.
 //! - Objects are immutable: nothing here writes to or truncates a file under
 //!   `objects/`.
 //! - Memory is bounded by one copy buffer ([`COPY_BUF_LEN`]) or one chunk
@@ -196,16 +201,7 @@ impl BlobStore {
     pub async fn import_bytes(&self, bytes: &[u8]) -> Result<(ContentHash, u64), BlobError> {
         let store = self.clone();
         let bytes = bytes.to_vec();
-        blocking(move || {
-            let mut rest = &bytes[..];
-            store.import_blocking(|buf| {
-                let n = rest.len().min(buf.len());
-                buf[..n].copy_from_slice(&rest[..n]);
-                rest = &rest[n..];
-                Ok(n)
-            })
-        })
-        .await
+        blocking(move || store.import_blocking(read_from(&bytes))).await
     }
 
     fn import_blocking(
@@ -254,6 +250,90 @@ impl BlobStore {
         }
         fs::rename(from, &to).map_err(BlobError::io("renaming into", &to))?;
         sync_dir(dir)
+    }
+
+    /// Writes small blobs whose bytes the store's blob journal already holds durably
+    /// (ADR 0010) into `objects/`, by a temporary file and a rename, **without
+    /// fsync**: the journal is the durable copy until [`BlobStore::sync_objects`]
+    /// has run, and [`BlobStore::restore_journaled`] repairs the file after a crash.
+    /// The caller has checked that `bytes` hash to `hash`. Idempotent.
+    pub async fn install_journaled(&self, blobs: Vec<(ContentHash, Arc<Vec<u8>>)>) -> Result<(), BlobError> {
+        let store = self.clone();
+        blocking(move || blobs.iter().try_for_each(|(hash, bytes)| store.install_journaled_blocking(*hash, bytes)))
+            .await
+    }
+
+    fn install_journaled_blocking(&self, hash: ContentHash, bytes: &[u8]) -> Result<(), BlobError> {
+        let store = self;
+        {
+            debug_assert_eq!(ContentHash::of(bytes), hash);
+            let to = store.path_of(&hash);
+            if to.is_file() {
+                return Ok(());
+            }
+            let tmp = store.inner.partial.join(format!("journaled-{:016x}.tmp", rand::random::<u64>()));
+            let written = (|| {
+                fs::write(&tmp, bytes).map_err(BlobError::io("writing", &tmp))?;
+                let dir = to.parent().expect("objects/ab/… has a parent");
+                fs::create_dir_all(dir).map_err(BlobError::io("creating", dir))?;
+                fs::rename(&tmp, &to).map_err(BlobError::io("renaming into", &to))
+            })();
+            if written.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            written?;
+            let mut chunks = ChunkHasher::default();
+            chunks.update(bytes);
+            store.inner.indexes.write(&hash, bytes.len() as u64, &chunks.finish());
+            Ok(())
+        }
+    }
+
+    /// Makes the files of `hashes` (installed by [`BlobStore::install_journaled`])
+    /// durable: fsyncs each file and its directory entries. After it returns `Ok`,
+    /// their journal rows may be dropped.
+    pub async fn sync_objects(&self, hashes: Vec<ContentHash>) -> Result<(), BlobError> {
+        let store = self.clone();
+        blocking(move || {
+            let mut dirs = std::collections::BTreeSet::new();
+            for hash in &hashes {
+                let path = store.path_of(hash);
+                File::open(&path).and_then(|f| f.sync_all()).map_err(BlobError::io("syncing", &path))?;
+                dirs.insert(path.parent().expect("objects/ab/… has a parent").to_owned());
+            }
+            // The `objects/ab` directories may be new: their own entries too.
+            sync_dir(&store.inner.objects)?;
+            for dir in dirs {
+                sync_dir(&dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// After a restart: makes sure the object `hash` holds exactly `bytes` (its
+    /// journaled copy) and is durable, rewriting it if it is missing or damaged (a
+    /// power cut before [`BlobStore::sync_objects`]).
+    pub async fn restore_journaled(&self, hash: &ContentHash, bytes: Vec<u8>) -> Result<(), BlobError> {
+        let (store, hash) = (self.clone(), *hash);
+        blocking(move || {
+            let actual = ContentHash::of(&bytes);
+            if actual != hash {
+                return Err(BlobError::HashMismatch { expected: hash, actual });
+            }
+            let path = store.path_of(&hash);
+            let good = fs::read(&path).is_ok_and(|on_disk| on_disk == bytes);
+            if !good {
+                tracing::warn!(%hash, "blob file missing or damaged after a restart; rewritten from the journal");
+                let _ = fs::remove_file(&path);
+                store.import_blocking(read_from(&bytes))?;
+                return Ok(());
+            }
+            File::open(&path).and_then(|f| f.sync_all()).map_err(BlobError::io("syncing", &path))?;
+            sync_dir(&store.inner.objects)?;
+            sync_dir(path.parent().expect("objects/ab/… has a parent"))
+        })
+        .await
     }
 
     /// Reads `len` bytes (at most [`CHUNK_LEN_MAX`]) of the complete blob `hash` from
@@ -711,6 +791,17 @@ impl BackgroundSync {
     fn wait(mut self) -> io::Result<()> {
         self.reap();
         self.error.map_or(Ok(()), Err)
+    }
+}
+
+/// A `read` for [`BlobStore::import_blocking`] that hands out `bytes` in order.
+fn read_from(bytes: &[u8]) -> impl FnMut(&mut [u8]) -> Result<usize, BlobError> + '_ {
+    let mut rest = bytes;
+    move |buf| {
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        Ok(n)
     }
 }
 

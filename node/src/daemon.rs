@@ -8,6 +8,11 @@
 //! output is acted on. If the store fails, the daemon stops (fail-stop): on restart
 //! the core is restored from what is durable, and custody rules make re-sending safe.
 //!
+//! Writes are group-committed (see [`Core::drain`]); small attachments are journaled
+//! in the store with the commit that takes custody of them (ADR 0010). Shutdown waits
+//! for running fetches and closes the store: nothing is written to the data
+//! directory after [`Running::shutdown`] returns.
+//!
 //! This module must never decide where a case goes: it only executes the core's
 //! outputs and feeds it inputs.
 
@@ -45,6 +50,27 @@ pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most inputs the core task handles before it commits their writes together (group
 /// commit across inputs: under load, one flush serves many cases).
 pub const INPUT_BATCH_MAX: usize = 64;
+/// On shutdown, attachment fetches still running get this long to stop (their links
+/// are closed first, so they only finish the local disk work they started: writing
+/// queued chunks, or installing a blob that arrived whole); any still running after
+/// it are aborted, which leaves at most a partial file that a later fetch resumes.
+pub const SHUTDOWN_FETCH_WAIT: Duration = Duration::from_secs(10);
+/// Bytes of small attachments held in memory at most, between their fetch and the
+/// commit that journals them (ADR 0010); past it, small ones go the file way too.
+pub const JOURNAL_BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
+/// Journaled blobs whose files are fsynced in one background batch at most; their
+/// journal rows are dropped with a later commit (or once this many wait).
+pub const JOURNAL_SYNC_BATCH_MAX: usize = 256;
+/// A background sync of journaled blobs' files waits this long before it starts, so
+/// that one sync (a few flushes) serves every blob received meanwhile and stays out
+/// of the way of the commits that custody waits for.
+pub const JOURNAL_SYNC_DELAY: Duration = Duration::from_millis(200);
+/// Writes whose only dependent messages are offer acceptances wait at most this long
+/// for a later commit to ride with (see [`Core::drain`]): the commit that takes
+/// custody of a small case, a few milliseconds later, then also makes its
+/// `receiving` state durable, and the offer costs no flush of its own. Far below a
+/// sender's first offer retry (2 s).
+pub const COMMIT_DEFER_MAX: Duration = Duration::from_millis(20);
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +218,16 @@ enum Input {
         hash: ContentHash,
         error: Option<String>,
     },
+    /// A small attachment arrived whole and verified, in memory: it is journaled with
+    /// the next commit and its file written after it (ADR 0010).
+    Received {
+        case_id: CaseId,
+        hash: ContentHash,
+        bytes: Arc<Vec<u8>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    },
+    /// A background sync of journaled blobs' files ended.
+    BlobsSynced(Vec<ContentHash>, Result<(), String>),
     Submit(SubmitRequest, oneshot::Sender<Result<CaseId, String>>),
     Status(oneshot::Sender<StatusReport>),
     Show(CaseId, oneshot::Sender<Option<CaseView>>),
@@ -425,6 +461,27 @@ struct Core {
     live: LiveLinks,
     authorized: Authorized,
     fetching: BTreeSet<(CaseId, ContentHash)>,
+    /// The attachment fetches running, so that shutdown can wait for them: a fetch
+    /// writes into the data directory, and nothing may write there once
+    /// [`Running::shutdown`] has returned.
+    fetches: tokio::task::JoinSet<()>,
+    /// Bounds the bytes of small attachments between fetch and install.
+    journal_budget: Arc<tokio::sync::Semaphore>,
+    /// Journaled blobs of the writes pending: their files are written once those
+    /// writes have committed, before anything that may read them happens.
+    to_install: Vec<(ContentHash, Arc<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
+    /// Journaled blobs whose files are not known to be durable yet.
+    unsynced: Vec<ContentHash>,
+    /// Journaled blobs whose files are durable: their rows go with a later commit.
+    synced: Vec<ContentHash>,
+    /// The background sync of journaled blobs' files (at most one runs).
+    syncs: tokio::task::JoinSet<()>,
+    /// Offer acceptances held back with the writes they follow (see [`Core::drain`]).
+    deferred: Vec<Output>,
+    /// When the deferred writes must commit at the latest.
+    commit_due: Option<tokio::time::Instant>,
+    /// Commit whatever is pending at the next drain (deadline reached, shutdown).
+    force_commit: bool,
     tx: mpsc::Sender<Input>,
     metrics: Arc<Metrics>,
     ui_events: tokio::sync::broadcast::Sender<UiEvent>,
@@ -478,6 +535,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         .map_err(|e| DaemonError::Config(format!("{}: {e}", config.data_dir.display())))?;
     let store = Store::open(&config.store_location(), signing_key.clone()).await?;
     let blobs = BlobStore::open(&config.blob_dir())?;
+    restore_journaled_blobs(&store, &blobs).await?;
     let studies = crate::ingest::StudyStore::open(&config.data_dir)
         .map_err(|e| DaemonError::Config(format!("study store in {}: {e}", config.data_dir.display())))?;
     if let Ok(n) = studies.clean_incoming()
@@ -687,6 +745,15 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         live: LiveLinks::default(),
         authorized,
         fetching: BTreeSet::new(),
+        fetches: tokio::task::JoinSet::new(),
+        journal_budget: Arc::new(tokio::sync::Semaphore::new(JOURNAL_BYTES_IN_FLIGHT_MAX)),
+        to_install: Vec::new(),
+        unsynced: Vec::new(),
+        synced: Vec::new(),
+        syncs: tokio::task::JoinSet::new(),
+        deferred: Vec::new(),
+        commit_due: None,
+        force_commit: false,
         tx: tx.clone(),
         metrics: metrics.clone(),
         ui_events,
@@ -713,6 +780,32 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         background,
         endpoint,
     })
+}
+
+/// Before the core starts: every blob still in the store's journal (its file was
+/// written without fsync, ADR 0010) is checked against its file, rewritten from the
+/// journal if a power cut lost or damaged it, made durable, and dropped from the
+/// journal. Bounded: each round drops the rows it handled.
+async fn restore_journaled_blobs(store: &Store, blobs: &BlobStore) -> Result<(), DaemonError> {
+    let mut restored = 0;
+    loop {
+        let hashes = store.journaled_blobs(JOURNAL_SYNC_BATCH_MAX as u32).await?;
+        if hashes.is_empty() {
+            break;
+        }
+        for hash in &hashes {
+            if let Some(bytes) = store.journaled_blob(hash).await? {
+                blobs.restore_journaled(hash, bytes).await?;
+            }
+        }
+        restored += hashes.len();
+        let forget: Vec<_> = hashes.into_iter().map(crate::store::Write::ForgetBlob).collect();
+        store.commit(&forget).await?;
+    }
+    if restored > 0 {
+        tracing::info!(restored, "journaled blobs checked against their files and made durable");
+    }
+    Ok(())
 }
 
 async fn dial_parent(
@@ -903,6 +996,13 @@ impl Core {
                 }
             };
             let mut shutdown = false;
+            let commit_due = self.commit_due;
+            let due = async move {
+                match commit_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { break };
@@ -923,18 +1023,51 @@ impl Core {
                     }
                 }
                 _ = sleep => self.core.handle_timeout(now()),
+                _ = due => self.force_commit = true,
             }
+            self.force_commit |= shutdown;
             self.drain().await?;
+            self.force_commit = false;
             if shutdown {
                 tracing::info!(node = %self.config.name, "shutting down");
                 for link in self.links.values() {
                     link.connection.close(0u32.into(), b"shutdown");
                 }
+                rx.close();
+                self.stop_fetches().await;
+                self.store.close().await;
                 break;
             }
             self.control_after_input();
         }
         Ok(())
+    }
+
+    /// Waits (at most [`SHUTDOWN_FETCH_WAIT`]) for the attachment fetches to end, then
+    /// aborts the rest and waits for them to unwind. Their links are closed, so a
+    /// fetch only finishes the disk work it started; what it received stays as the
+    /// resume point (the `Stored` inputs it may still send are dropped with the
+    /// closed queue: after a restart the case is still `Receiving`, and finding the
+    /// blob complete, the node takes custody without fetching it again).
+    async fn stop_fetches(&mut self) {
+        // A sync waiting to start is not needed: the journal keeps those blobs.
+        self.syncs.abort_all();
+        while self.syncs.join_next().await.is_some() {}
+        let running = self.fetches.len();
+        if running == 0 {
+            return;
+        }
+        let all_done = async { while self.fetches.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_FETCH_WAIT, all_done).await.is_err() {
+            tracing::warn!(
+                node = %self.config.name,
+                left = self.fetches.len(),
+                "attachment fetches still running after {SHUTDOWN_FETCH_WAIT:?}; aborted (they resume after a restart)"
+            );
+            self.fetches.abort_all();
+            while self.fetches.join_next().await.is_some() {}
+        }
+        tracing::debug!(node = %self.config.name, running, "attachment fetches stopped");
     }
 
     /// Queues an audit record for the next group commit.
@@ -1008,6 +1141,29 @@ impl Core {
                 self.fetching.remove(&(case_id, hash));
                 if let Err(e) = self.core.handle_attachment_stored(t, case_id, hash) {
                     tracing::warn!(%case_id, "attachment stored: {e}");
+                }
+            }
+            Input::Received { case_id, hash, bytes, permit } => {
+                self.fetching.remove(&(case_id, hash));
+                // Journaled in the same commit as the case that now holds it.
+                self.pending.push(crate::store::Write::Blob { hash, bytes: bytes.clone() });
+                self.to_install.push((hash, bytes, permit));
+                if let Err(e) = self.core.handle_attachment_stored(t, case_id, hash) {
+                    tracing::warn!(%case_id, "attachment received: {e}");
+                }
+            }
+            Input::BlobsSynced(hashes, result) => {
+                while self.syncs.try_join_next().is_some() {}
+                match result {
+                    Ok(()) => {
+                        self.synced.extend(hashes);
+                        self.sync_journaled();
+                    }
+                    // Kept in the journal; retried with the next blob received.
+                    Err(e) => {
+                        tracing::warn!("syncing journaled blobs failed (their journal rows are kept): {e}");
+                        self.unsynced.extend(hashes);
+                    }
                 }
             }
             Input::FetchDone { case_id, hash, error } => {
@@ -1283,9 +1439,15 @@ impl Core {
     /// fetches start at once: a chunk request reveals nothing and claims nothing (a
     /// crash before the commit leaves at most a blob that nothing refers to yet; the
     /// sender keeps custody until it holds our receipt).
+    ///
+    /// One exception saves the offer's flush: when everything held back is an offer
+    /// acceptance (`OfferAccept` takes no custody: the sender keeps the case until our
+    /// receipt, and re-offers if we forget it), the writes wait, at most
+    /// [`COMMIT_DEFER_MAX`], for the next commit, typically the one that takes custody
+    /// once the attachments are in.
     async fn drain(&mut self) -> Result<(), DaemonError> {
         loop {
-            let mut held = Vec::new();
+            let mut held = std::mem::take(&mut self.deferred);
             while let Some(output) = self.core.poll_output() {
                 match output {
                     Output::Persist(change) => self.pending.push(crate::store::Write::Change(change)),
@@ -1294,8 +1456,19 @@ impl Core {
                     other => held.push(other),
                 }
             }
-            if !self.pending.is_empty() {
-                let writes = std::mem::take(&mut self.pending);
+            let only_acceptances = !held.is_empty()
+                && held.iter().all(|o| matches!(o, Output::Send { message: Message::OfferAccept(_), .. }));
+            if only_acceptances && !self.pending.is_empty() && self.to_install.is_empty() && !self.force_commit {
+                self.deferred = held;
+                self.commit_due.get_or_insert_with(|| tokio::time::Instant::now() + COMMIT_DEFER_MAX);
+                return Ok(());
+            }
+            self.commit_due = None;
+            if !self.pending.is_empty() || self.synced.len() >= JOURNAL_SYNC_BATCH_MAX {
+                // Journal rows of blobs whose files are durable now ride along.
+                let forget = std::mem::take(&mut self.synced).into_iter().map(crate::store::Write::ForgetBlob);
+                let mut writes = std::mem::take(&mut self.pending);
+                writes.extend(forget);
                 if let Err(e) = self.store.commit(&writes).await {
                     tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
                     return Err(e.into());
@@ -1304,6 +1477,7 @@ impl Core {
                     let _ = wake.try_send(()); // full: a wake is already queued
                 }
             }
+            self.install_journaled().await?;
             for event in self.ui_pending.drain(..) {
                 let _ = self.ui_events.send(event);
             }
@@ -1319,6 +1493,43 @@ impl Core {
                 self.act(output);
             }
         }
+    }
+
+    /// Writes the files of the blobs just journaled (no fsync: the journal is their
+    /// durable copy) before anything may read them, and starts a background sync of
+    /// them. A failure stops the node: the journal rewrites them on restart.
+    async fn install_journaled(&mut self) -> Result<(), DaemonError> {
+        if self.to_install.is_empty() {
+            return Ok(());
+        }
+        let installs: Vec<_> = self.to_install.drain(..).map(|(hash, bytes, _permit)| (hash, bytes)).collect();
+        let hashes: Vec<_> = installs.iter().map(|(h, _)| *h).collect();
+        if let Err(e) = self.blobs.install_journaled(installs).await {
+            tracing::error!(node = %self.config.name, "writing journaled blobs failed, stopping: {e}");
+            return Err(e.into());
+        }
+        self.unsynced.extend(hashes);
+        self.sync_journaled();
+        Ok(())
+    }
+
+    /// Starts a background sync of the journaled blobs' files not yet durable, unless
+    /// one runs: after [`JOURNAL_SYNC_DELAY`], it fsyncs the blobs waiting when it
+    /// wakes (at most [`JOURNAL_SYNC_BATCH_MAX`]) and reports them with
+    /// `Input::BlobsSynced`, which starts the next if more wait.
+    fn sync_journaled(&mut self) {
+        while self.syncs.try_join_next().is_some() {}
+        if !self.syncs.is_empty() || self.unsynced.is_empty() {
+            return;
+        }
+        let n = self.unsynced.len().min(JOURNAL_SYNC_BATCH_MAX);
+        let batch: Vec<_> = self.unsynced.drain(..n).collect();
+        let (blobs, tx) = (self.blobs.clone(), self.tx.clone());
+        self.syncs.spawn(async move {
+            tokio::time::sleep(JOURNAL_SYNC_DELAY).await;
+            let result = blobs.sync_objects(batch.clone()).await.map_err(|e| e.to_string());
+            let _ = tx.send(Input::BlobsSynced(batch, result)).await;
+        });
     }
 
     /// Acts on one output that was held back until the writes before it committed.
@@ -1402,8 +1613,24 @@ impl Core {
         }
         let (conn, blobs, tx, limits) =
             (link.connection.clone(), self.blobs.clone(), self.tx.clone(), self.limits.clone());
-        tokio::spawn(async move {
+        let budget = self.journal_budget.clone();
+        // Forget the fetches that have ended (bounded: one entry per running fetch).
+        while self.fetches.try_join_next().is_some() {}
+        self.fetches.spawn(async move {
             for a in attachments {
+                // Small ones into memory, to be journaled with the custody commit
+                // (ADR 0010), while the memory budget allows.
+                let permit = (a.size_bytes <= transfer::JOURNAL_BLOB_LEN_MAX)
+                    .then(|| budget.clone().try_acquire_many_owned(a.size_bytes.max(1) as u32).ok())
+                    .flatten();
+                if let Some(permit) = permit {
+                    let input = match transfer::fetch_to_memory(&conn, case_id, &a, &limits).await {
+                        Ok(bytes) => Input::Received { case_id, hash: a.hash, bytes: Arc::new(bytes), permit },
+                        Err(e) => Input::FetchDone { case_id, hash: a.hash, error: Some(e.to_string()) },
+                    };
+                    let _ = tx.send(input).await;
+                    continue;
+                }
                 match transfer::fetch(&conn, &blobs, case_id, &a, &limits).await {
                     Ok(()) => {
                         let _ = tx.send(Input::Stored { case_id, hash: a.hash }).await;

@@ -11,6 +11,13 @@
 //!   hash-chained and signed with the node key ([`SqliteStore::audit`],
 //!   [`SqliteStore::verify_audit_chain`]).
 //!
+//! - the **blob journal**: the bytes of small attachments committed with the case
+//!   that took custody of them, until their files are durable (ADR 0010,
+//!   [`Write::Blob`], [`Write::ForgetBlob`]).
+//!
+//! WAL checkpoints run on a connection of their own in the background, so no commit
+//! pays for one (a safety-valve autocheckpoint stays at a high page count).
+//!
 //! Durability contract: [`SqliteStore::apply`] returns only after its transaction
 //! committed with `synchronous=FULL`, so the driver may act on the core's later
 //! outputs (send a receipt, forward a case) as soon as it returns; so does
@@ -98,8 +105,10 @@ struct Migration {
 
 /// Every migration, in order. Append only; never edit one that has shipped (the
 /// migrator refuses a database whose applied migration no longer matches).
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "initial", sql: include_str!("../migrations/sqlite/0001_initial.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "initial", sql: include_str!("../migrations/sqlite/0001_initial.sql") },
+    Migration { version: 2, name: "blob_journal", sql: include_str!("../migrations/sqlite/0002_blob_journal.sql") },
+];
 
 /// Everything that can go wrong in the store, grouped by cause.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +225,42 @@ struct Writer {
     /// FIFO: writes commit in the order they were called.
     order: tokio::sync::Mutex<()>,
     key: SigningKey,
+    /// The background checkpointer: dropping the sender stops it.
+    checkpointer: std::sync::Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
+}
+
+/// How often the background checkpointer copies committed WAL pages into the
+/// database file (`PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own), so
+/// that no commit pays for a checkpoint: with attachments journaled in the store
+/// (ADR 0010) the WAL passes SQLite's default 1000 pages every few dozen cases, and
+/// the commit that crossed it would copy and fsync megabytes before returning.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// WAL pages after which the writer checkpoints by itself after a commit: a safety
+/// valve should the background checkpointer fall behind.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+
+/// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until `stop` fires or its
+/// sender is dropped. Failures are logged and tried again: a checkpoint only moves
+/// committed pages, so a missed one costs WAL size, never data.
+async fn checkpointer(options: SqliteConnectOptions, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    use sqlx::ConnectOptions;
+    let mut conn = match options.connect().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!("WAL checkpointer could not connect (the writer checkpoints by itself): {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
+            tracing::debug!("WAL checkpoint: {e}");
+        }
+    }
+    let _ = conn.close().await;
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -346,6 +391,16 @@ impl Store {
         each_backend!(self, s => s.load().await)
     }
 
+    /// The hashes of the blobs in the blob journal ([`Write::Blob`]), at most `limit`.
+    pub async fn journaled_blobs(&self, limit: u32) -> Result<Vec<ContentHash>, StoreError> {
+        each_backend!(self, s => s.journaled_blobs(limit).await)
+    }
+
+    /// The journaled bytes of blob `hash`, if it is in the journal.
+    pub async fn journaled_blob(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
+        each_backend!(self, s => s.journaled_blob(hash).await)
+    }
+
     /// One case's record, if stored.
     pub async fn case(&self, id: &CaseId) -> Result<Option<CaseRecord>, StoreError> {
         each_backend!(self, s => s.case(id).await)
@@ -392,6 +447,12 @@ pub enum Write {
     Change(Change),
     /// As [`Store::audit`].
     Audit { at: Millis, kind: String, case: Option<CaseId>, peer: Option<String>, detail: String },
+    /// Keeps the bytes of a small attachment in the blob journal (ADR 0010), durable
+    /// with the rest of the batch. The caller has checked that `bytes` hash to
+    /// `hash`. Idempotent: a hash already journaled is left as it is.
+    Blob { hash: ContentHash, bytes: Arc<Vec<u8>> },
+    /// Drops a blob's journal row: its file under `objects/` is durable now.
+    ForgetBlob(ContentHash),
 }
 
 impl Write {
@@ -405,7 +466,7 @@ impl Write {
             Write::Audit { at, kind, case, peer, detail } => {
                 Some(AuditEntry { at: *at, kind, case: *case, peer: peer.as_deref(), detail })
             }
-            Write::Change(_) => None,
+            Write::Change(_) | Write::Blob { .. } | Write::ForgetBlob(_) => None,
         }
     }
 }
@@ -434,7 +495,8 @@ impl SqliteStore {
         let options = base_options(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
+            .synchronous(SqliteSynchronous::Full)
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let write_pool = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -445,7 +507,17 @@ impl SqliteStore {
             .map_err(open_error(path))?;
         migrate(&write_pool).await?;
         let read = read_pool(path).await?;
-        let writer = Writer { pool: write_pool, order: tokio::sync::Mutex::new(()), key: audit_key };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(checkpointer(
+            base_options(path).journal_mode(SqliteJournalMode::Wal).synchronous(SqliteSynchronous::Full),
+            stopped,
+        ));
+        let writer = Writer {
+            pool: write_pool,
+            order: tokio::sync::Mutex::new(()),
+            key: audit_key,
+            checkpointer: std::sync::Mutex::new(Some((stop, task))),
+        };
         let store = SqliteStore { inner: Arc::new(Inner { path: path.to_owned(), read, write: Some(writer) }) };
         store.record_key_change().await?;
         Ok(store)
@@ -487,6 +559,11 @@ impl SqliteStore {
     /// `audit` returned from is already durable; this only releases the file.
     pub async fn close(&self) {
         if let Some(w) = &self.inner.write {
+            let checkpointer = w.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some((stop, task)) = checkpointer {
+                let _ = stop.send(());
+                let _ = task.await;
+            }
             w.pool.close().await;
         }
         self.inner.read.close().await;
@@ -523,6 +600,21 @@ impl SqliteStore {
                     (Write::Change(Change::PutCase(record)), Some(bytes)) => {
                         put_case_tx(&mut tx, &writer.key, record, bytes).await?
                     }
+                    (Write::Blob { hash, bytes }, _) => {
+                        sqlx::query(sql::JOURNAL_BLOB)
+                            .bind(hash.to_string())
+                            .bind(&bytes[..])
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::db("journal a blob"))?;
+                    }
+                    (Write::ForgetBlob(hash), _) => {
+                        sqlx::query(sql::FORGET_BLOB)
+                            .bind(hash.to_string())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(StoreError::db("forget a journaled blob"))?;
+                    }
                     _ => {
                         let entry = write.entry().expect("an audit write");
                         append_audit(&mut tx, &writer.key, &entry).await?;
@@ -540,6 +632,28 @@ impl SqliteStore {
         let rows =
             sqlx::query(sql::CASES).fetch_all(&self.inner.read).await.map_err(StoreError::db("load the cases"))?;
         rows.iter().map(decode_case_row).collect()
+    }
+
+    /// See [`Store::journaled_blobs`].
+    pub async fn journaled_blobs(&self, limit: u32) -> Result<Vec<ContentHash>, StoreError> {
+        const OP: &str = "list the blob journal";
+        let rows = sqlx::query(sql::JOURNALED_BLOBS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.read)
+            .await
+            .map_err(StoreError::db(OP))?;
+        rows.iter().map(|r| journal_hash(r.try_get(0).map_err(StoreError::db(OP))?)).collect()
+    }
+
+    /// See [`Store::journaled_blob`].
+    pub async fn journaled_blob(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
+        const OP: &str = "read a journaled blob";
+        let row = sqlx::query(sql::JOURNALED_BLOB)
+            .bind(hash.to_string())
+            .fetch_optional(&self.inner.read)
+            .await
+            .map_err(StoreError::db(OP))?;
+        row.map(|r| r.try_get::<Vec<u8>, _>(0).map_err(StoreError::db(OP))).transpose()
     }
 
     /// One case's record, if stored.
@@ -802,12 +916,20 @@ async fn put_case_in(
 
 /// The CBOR of every case a batch writes (`None` for audit records), encoded before
 /// the write lock is taken; refuses the whole batch if one cannot be stored.
+/// A blob journal key back to its hash.
+fn journal_hash(hex: String) -> Result<ContentHash, StoreError> {
+    let bytes: [u8; 32] = hex::decode(&hex).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| {
+        StoreError::Corrupt { case: "(blob journal)".into(), reason: format!("bad blob hash {hex:?}") }
+    })?;
+    Ok(ContentHash(bytes))
+}
+
 fn encode_batch(writes: &[Write]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
     writes
         .iter()
         .map(|w| match w {
             Write::Change(Change::PutCase(record)) => encode_case(record).map(Some),
-            Write::Audit { .. } => Ok(None),
+            Write::Audit { .. } | Write::Blob { .. } | Write::ForgetBlob(_) => Ok(None),
         })
         .collect()
 }
@@ -863,6 +985,11 @@ async fn put_case_tx(
 /// The statements both backends run. Placeholders are `$N`, which PostgreSQL and
 /// sqlx's SQLite driver both accept; the schema is the same table by table.
 mod sql {
+    pub const JOURNAL_BLOB: &str =
+        "INSERT INTO blob_journal (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING";
+    pub const FORGET_BLOB: &str = "DELETE FROM blob_journal WHERE hash = $1";
+    pub const JOURNALED_BLOBS: &str = "SELECT hash FROM blob_journal ORDER BY hash LIMIT $1";
+    pub const JOURNALED_BLOB: &str = "SELECT bytes FROM blob_journal WHERE hash = $1";
     pub const CASE_RECORD: &str = "SELECT case_id, record FROM cases WHERE case_id = $1";
     pub const CASES: &str = "SELECT case_id, record FROM cases ORDER BY case_id";
     pub const CASE_UPSERT: &str = "INSERT INTO cases (case_id, origin, modality, urgency, urgency_rank, status,
@@ -1976,7 +2103,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = db_path(&dir, "county");
         let store = open(&path, "county").await;
-        assert_eq!(store.schema_version().await.unwrap(), 1);
+        assert_eq!(store.schema_version().await.unwrap(), 2);
         let applied: Vec<(i64, String, i64)> =
             sqlx::query_as("SELECT version, sha256, applied_at_ms FROM schema_version")
                 .fetch_all(&store.inner.read)

@@ -15,6 +15,10 @@
 //!   and a file that does not match the attachment's hash is deleted, never becomes
 //!   an object.
 //!
+//! Attachments of at most [`JOURNAL_BLOB_LEN_MAX`] may instead be fetched whole into
+//! memory with [`fetch_to_memory`] (same checks, nothing written here), for the
+//! daemon to journal them in the store with the custody commit (ADR 0010).
+//!
 //! Received chunks are hashed and written on a blocking thread while the next ones
 //! arrive; partial files are synced in the background, not per chunk, and an object
 //! is installed only once its data is fsynced (see [`crate::blobs`] for what a crash
@@ -212,7 +216,7 @@ pub async fn fetch(
     }
     let mut writer = blobs.partial_writer(&hash, size).await?;
     let resumed_at = writer.resumed_at();
-    match receive(conn, &mut writer, case_id, size, limits).await {
+    match receive(conn, Sink::File(&mut writer), case_id, size, limits).await {
         Ok(()) => writer.finish().await?,
         Err(e) => {
             // Keep what was checked and queued as the resume point. A disk error
@@ -227,18 +231,81 @@ pub async fn fetch(
     Ok(())
 }
 
-/// Pipelines chunk requests from the writer's resume point to `size` and queues each
-/// checked chunk, in order, to `writer`.
+/// Fetches the whole attachment `att`, at most [`JOURNAL_BLOB_LEN_MAX`] bytes, into
+/// memory: every chunk checked against its hash, the whole against the attachment's
+/// hash. Nothing is written to disk (the caller journals the bytes in the store,
+/// ADR 0010); a failed fetch keeps nothing, and the next one starts over.
+pub async fn fetch_to_memory(
+    conn: &Connection,
+    case_id: CaseId,
+    att: &AttachmentRef,
+    limits: &TransferLimits,
+) -> Result<Vec<u8>, TransferError> {
+    limits.check()?;
+    let (hash, size) = (att.hash, att.size_bytes);
+    if size > JOURNAL_BLOB_LEN_MAX {
+        return Err(TransferError::Limits(format!(
+            "{size} bytes is over {JOURNAL_BLOB_LEN_MAX} for a fetch to memory"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    receive(conn, Sink::Memory(hash, &mut bytes), case_id, size, limits).await?;
+    let actual = ContentHash::of(&bytes);
+    if actual != hash {
+        return Err(TransferError::FileHashMismatch { hash, actual });
+    }
+    Ok(bytes)
+}
+
+/// Attachments up to this size are received into memory and journaled in the store
+/// with the commit that takes custody (one flush, ADR 0010), instead of being written
+/// and fsynced as a file (two more flushes) before that commit.
+pub const JOURNAL_BLOB_LEN_MAX: u64 = 1024 * 1024;
+
+/// Where [`receive`] puts checked chunks.
+enum Sink<'a> {
+    File(&'a mut PartialWriter),
+    Memory(ContentHash, &'a mut Vec<u8>),
+}
+
+impl Sink<'_> {
+    fn hash(&self) -> ContentHash {
+        match self {
+            Sink::File(w) => w.hash(),
+            Sink::Memory(hash, _) => *hash,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Sink::File(w) => w.len(),
+            Sink::Memory(_, bytes) => bytes.len() as u64,
+        }
+    }
+
+    async fn put(&mut self, offset: u64, data: Vec<u8>, chunk_hash: ContentHash) -> Result<(), TransferError> {
+        match self {
+            Sink::File(w) => Ok(w.append_verified(offset, data, chunk_hash).await?),
+            Sink::Memory(_, bytes) => {
+                bytes.extend_from_slice(&data);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Pipelines chunk requests from the sink's resume point to `size` and hands each
+/// checked chunk, in order, to `sink`.
 async fn receive(
     conn: &Connection,
-    writer: &mut PartialWriter,
+    mut sink: Sink<'_>,
     case_id: CaseId,
     size: u64,
     limits: &TransferLimits,
 ) -> Result<(), TransferError> {
-    let hash = writer.hash();
+    let hash = sink.hash();
     let pacer = limits.bytes_per_s.map(Pacer::new);
-    let mut received = writer.len();
+    let mut received = sink.len();
     let mut requested = received;
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(limits.chunks_in_flight);
     while received < size {
@@ -261,7 +328,7 @@ async fn receive(
         let (data, chunk_hash) = data;
         let n = data.len() as u64;
         debug_assert!(received + n <= size);
-        writer.append_verified(received, data, chunk_hash).await?;
+        sink.put(received, data, chunk_hash).await?;
         received += n;
     }
     debug_assert!(in_flight.is_empty());

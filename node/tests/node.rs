@@ -1390,5 +1390,8 @@ mod photo_scrub;
 #[path = "node/fhir_oauth.rs"]
 mod fhir_oauth;
 
+#[path = "node/shutdown.rs"]
+mod shutdown;
+
 #[path = "node/atna.rs"]
 mod atna;

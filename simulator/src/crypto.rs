@@ -12,11 +12,15 @@
 //! envelope would still be caught. It is not a signature scheme (anyone who knows a
 //! public key can "sign" for it) and must never leave the simulator.
 //!
-//! Most of what is left of the cost is parsing the same envelope again at every
-//! node it passes. So the nodes of one run share a [`Memo`]: the hashes of the
-//! envelopes the stand-in signed, with their content type and signer. `verify`
-//! looks the exact bytes up there and, on a hit, reads the payload in place; on a
-//! miss (the memo is bounded) it does the full check. Same bytes, same answer.
+//! Most of what is left of the cost is checking and decoding the same envelope
+//! again at every node it passes. So the nodes of one run share a [`Memo`], every
+//! core's memory of opened envelopes ([`Crypto::recall_opened`]): the hashes of the
+//! envelopes a core signed, or verified and decoded as its content type's body,
+//! with that content type and the signer. A core that meets the exact bytes again
+//! reads the payload in place, and does not decode envelopes it only keeps (a
+//! trail's hops, findings); on a miss (the memo is bounded) it does the full check.
+//! Same bytes, same answer. The cores keep no memory of their own (256 envelopes
+//! per core were a third of the `china` day's heap).
 //!
 //! `telemed-sim run --crypto real` runs the same scenario with [`tiers::Ed25519Crypto`];
 //! the trace hash is the same (see `tests/sim.rs`).
@@ -29,13 +33,15 @@ use std::sync::{Arc, Mutex};
 use tiers::Crypto;
 use tiers::crypto::DigestHasher;
 
-/// How many signed envelopes the memo remembers (~100 bytes each).
-pub const MEMO_LEN_MAX: usize = 1 << 20;
+/// How many envelopes the memo remembers (~100 bytes each): as many as a table of
+/// 2^20 slots holds (seven eighths); one more would double it to 2^21 slots.
+pub const MEMO_LEN_MAX: usize = (1 << 20) / 8 * 7;
 
-/// Envelopes the stand-in signed in this run: hash → (content type, signer).
+/// Envelopes the cores of this run signed or opened (verified and decoded as their
+/// content type's body): hash → (content type, signer), oldest forgotten first.
 #[derive(Debug, Default)]
 pub struct Memo {
-    signed: HashMap<ContentHash, (u8, PublicKey), BuildHasherDefault<DigestHasher>>,
+    opened: HashMap<ContentHash, (u8, PublicKey), BuildHasherDefault<DigestHasher>>,
     order: VecDeque<ContentHash>,
 }
 
@@ -53,12 +59,14 @@ impl Memo {
     }
 
     fn insert(&mut self, hash: ContentHash, ct: u8, signer: PublicKey) {
-        if self.signed.insert(hash, (ct, signer)).is_none() {
+        // The same bytes name one content type and one key id: a known entry stays.
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.opened.entry(hash) {
+            slot.insert((ct, signer));
             self.order.push_back(hash);
             if self.order.len() > MEMO_LEN_MAX
                 && let Some(old) = self.order.pop_front()
             {
-                self.signed.remove(&old);
+                self.opened.remove(&old);
             }
         }
     }
@@ -131,35 +139,28 @@ impl Crypto for KeyedHashCrypto {
     }
 
     fn sign(&self, content_type: &str, payload: Vec<u8>) -> Result<SignedEnvelope, Error> {
-        let env = SignedEnvelope::sign_with(&self.public_key, content_type, payload, |data| {
+        // The core notes what it signs (`note_opened`) if it keeps it.
+        SignedEnvelope::sign_with(&self.public_key, content_type, payload, |data| {
             keyed_hash(&self.public_key, data).to_vec()
-        })?;
-        if let Some(ct) = content_type_id(content_type) {
-            self.memo().insert(env.hash(), ct, self.public_key);
-        }
-        Ok(env)
+        })
     }
 
     fn verify(&self, env: &SignedEnvelope, content_type: &str) -> Result<(PublicKey, Vec<u8>), Error> {
-        self.verify_hashed(env, &env.hash(), content_type)
-    }
-
-    fn verify_hashed(
-        &self,
-        env: &SignedEnvelope,
-        hash: &ContentHash,
-        content_type: &str,
-    ) -> Result<(PublicKey, Vec<u8>), Error> {
-        let ct = content_type_id(content_type);
-        let known = self.memo().signed.get(hash).copied();
-        if let (Some(ct), Some((signed_ct, signer))) = (ct, known)
-            && ct == signed_ct
-        {
-            return Ok((signer, env.as_bytes()[env.payload_range()?].to_vec()));
-        }
         env.verify_with(content_type, |signer, data, signature| {
             if signature == keyed_hash(signer, data).as_slice() { Ok(()) } else { Err(Error::BadSignature) }
         })
+    }
+
+    fn recall_opened(&self, hash: &ContentHash, content_type: &str) -> Option<PublicKey> {
+        let ct = content_type_id(content_type)?;
+        let (known_ct, signer) = self.memo().opened.get(hash).copied()?;
+        (known_ct == ct).then_some(signer)
+    }
+
+    fn note_opened(&self, hash: &ContentHash, content_type: &'static str, signer: PublicKey) {
+        if let Some(ct) = content_type_id(content_type) {
+            self.memo().insert(*hash, ct, signer);
+        }
     }
 }
 
@@ -191,5 +192,23 @@ mod tests {
             assert_eq!(v.verify(&a, HOP).unwrap(), sim.verify(&a, HOP).unwrap());
             assert!(v.verify(&a, REPORT).is_err());
         }
+    }
+
+    #[test]
+    fn the_memo_recalls_only_envelopes_a_node_opened_and_only_under_their_content_type() {
+        let sim = KeyedHashCrypto::new(PublicKey([3; 32]), Memo::shared());
+        let env = sim.sign(HOP, to_cbor(&("case", 7u32)).unwrap()).unwrap();
+        let hash = env.hash();
+        assert_eq!(sim.recall_opened(&hash, HOP), None, "signed, but no core noted it yet");
+        let other = KeyedHashCrypto::new(PublicKey([9; 32]), sim.memo.clone());
+        other.note_opened(&hash, HOP, PublicKey([3; 32]));
+        assert_eq!(sim.recall_opened(&hash, HOP), Some(PublicKey([3; 32])), "shared by the run's nodes");
+        assert_eq!(sim.recall_opened(&hash, REPORT), None, "content type must match");
+        let fresh = KeyedHashCrypto::new(PublicKey([9; 32]), Memo::shared());
+        assert_eq!(fresh.recall_opened(&hash, HOP), None, "another run's memo knows nothing of it");
+        // A note with another content type for the same bytes changes nothing.
+        other.note_opened(&hash, REPORT, PublicKey([3; 32]));
+        assert_eq!(sim.recall_opened(&hash, REPORT), None);
+        assert_eq!(sim.memo().len(), 1);
     }
 }

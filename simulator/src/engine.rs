@@ -46,8 +46,10 @@ const SMALL_MESSAGE_BYTES: u64 = 256;
 /// How long after a report reaches its origin the cores on its path forget the case
 /// (`Node::archive`); retried at this interval while any of them still owes a receipt.
 const ARCHIVE_AFTER_MS: u64 = 30 * 60_000;
-/// Each core's memory of verified envelopes under the keyed-hash stand-in.
-const NODE_VERIFIED_ENVELOPES_MAX: usize = 256;
+/// Each core's own memory of verified envelopes under the keyed-hash stand-in: none,
+/// the run's shared memo (`Crypto::recall_opened`) serves every core. Per-core
+/// memories of 256 were a third of the heap of the `china` day (34,000 townships).
+const NODE_VERIFIED_ENVELOPES_MAX: usize = 0;
 
 /// What happened to one case, for the metrics and for validation tests.
 #[derive(Debug, Clone, PartialEq)]
@@ -765,8 +767,7 @@ impl Engine {
         config.experts = self.expert_pools(node.tier);
         config.seed = self.seed ^ u64::from(n).wrapping_mul(0xA076_1D64_78BD_642F);
         if self.crypto == CryptoMode::KeyedHash {
-            // The run's shared memo already spares re-parsing; a small per-node memory
-            // keeps 3,000 busy cores from holding ~1 MB of hashes each.
+            // The run's shared memo spares re-verifying and re-decoding at every core.
             config.limits.verified_envelopes_max = NODE_VERIFIED_ENVELOPES_MAX;
         }
         config

@@ -47,6 +47,23 @@ pub trait Crypto: Send + Sync {
         let _ = hash;
         self.verify(env, content_type)
     }
+    /// A memory of opened envelopes that reaches beyond one node (e.g. every node of
+    /// one simulated run shares it): the signer of these exact bytes (`hash` is their
+    /// [`SignedEnvelope::hash`]) if a node told [`Crypto::note_opened`] that they
+    /// verified under `content_type` and decoded as that content type's body (or
+    /// that it signed them). The node then neither verifies nor decodes them again,
+    /// as for a hit in its own [`VerifiedEnvelopes`]. By default there is no such
+    /// memory: `None`.
+    fn recall_opened(&self, hash: &ContentHash, content_type: &str) -> Option<PublicKey> {
+        let _ = (hash, content_type);
+        None
+    }
+    /// The node verified and decoded these bytes under `content_type`, or signed
+    /// them: an implementation with a shared memory (see [`Crypto::recall_opened`])
+    /// remembers it. By default nothing is kept.
+    fn note_opened(&self, hash: &ContentHash, content_type: &'static str, signer: PublicKey) {
+        let _ = (hash, content_type, signer);
+    }
 }
 
 /// The real crypto: Ed25519 COSE_Sign1, as on the wire between real nodes.

@@ -263,7 +263,7 @@ pub struct Node {
     timers: BTreeSet<(Millis, CaseId)>,
     /// The wake-up currently armed for each case.
     armed: BTreeMap<CaseId, Millis>,
-    peers: BTreeMap<NodeName, Peer>,
+    peers: Peers,
     /// Peers the driver reported unreachable.
     down: BTreeSet<NodeName>,
     adverts: BTreeMap<NodeName, KnownAdvert>,
@@ -292,7 +292,7 @@ impl Node {
             counts: Counts::default(),
             timers: BTreeSet::new(),
             armed: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            peers: Peers::default(),
             down: BTreeSet::new(),
             adverts: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -323,7 +323,7 @@ impl Node {
                 // The child's verified identity comes back with its next hello; until
                 // then we still know its name and tier from the trail.
                 if let Some(peer) = node.peer_from_trail(&record, from) {
-                    node.peers.insert(from.clone(), peer);
+                    node.peers.insert(peer);
                 }
             }
             match &mut record.status {
@@ -404,7 +404,7 @@ impl Node {
             }));
             return Err(PeerError { peer: name, code: RejectCode::IdentityMismatch, detail });
         }
-        self.peers.insert(name.clone(), peer);
+        self.peers.insert(peer);
         self.down.remove(&name);
         // Cases offered to it or with a report on the way to it: most urgent first,
         // then earliest deadline (a village back online after days sends STAT first).
@@ -773,7 +773,32 @@ impl Node {
         self.cases.remove(&case_id);
         self.rearm(case_id); // drops its timer and its counters
         debug_assert!(!self.armed.contains_key(&case_id) && !self.index.contains_key(&case_id));
+        if self.cases.is_empty() {
+            self.release_idle_memory();
+        }
         Ok(())
+    }
+
+    /// With no case held any more, gives back what the emptied maps still allocate
+    /// (an emptied `BTreeMap` keeps its last node, some hundred bytes): most nodes of
+    /// a large network (villages) hold a case now and then and nothing in between.
+    fn release_idle_memory(&mut self) {
+        macro_rules! release_if_empty {
+            ($($field:expr),*) => {$(
+                if $field.is_empty() {
+                    $field = Default::default();
+                }
+            )*};
+        }
+        release_if_empty!(
+            self.cases,
+            self.index,
+            self.timers,
+            self.armed,
+            self.counts.waiting_on,
+            self.counts.no_capacity,
+            self.outputs
+        );
     }
 
     /// This node's capacity right now, signed, for gossip and direct links.
@@ -1553,7 +1578,7 @@ impl Node {
     /// Encodes and signs `body`. Envelopes signed here count as verified here.
     fn sign<T: Serialize>(&mut self, content_type: &'static str, body: &T) -> Result<SignedEnvelope, ActionError> {
         let env = self.sign_only(content_type, body)?;
-        self.verified.insert(env.hash(), content_type, self.public_key);
+        self.remember_opened(env.hash(), content_type, self.public_key);
         Ok(env)
     }
 
@@ -1572,7 +1597,7 @@ impl Node {
         content_type: &'static str,
     ) -> Result<(PublicKey, std::borrow::Cow<'e, [u8]>, bool), federation_proto::Error> {
         let hash = env.hash();
-        if let Some(signer) = self.verified.get(&hash, content_type) {
+        if let Some(signer) = self.recall_opened(&hash, content_type) {
             return Ok((signer, std::borrow::Cow::Borrowed(&env.as_bytes()[env.payload_range()?]), false));
         }
         let (signer, payload) = self.crypto.verify_hashed(env, &hash, content_type)?;
@@ -1591,7 +1616,7 @@ impl Node {
         let (signer, payload, new) = self.verify(env, content_type)?;
         let body = federation_proto::codec::from_cbor(&payload)?;
         if new {
-            self.verified.insert(env.hash(), content_type, signer);
+            self.remember_opened(env.hash(), content_type, signer);
         }
         Ok(Verified { signer, body })
     }
@@ -1604,7 +1629,7 @@ impl Node {
         env: &SignedEnvelope,
         content_type: &'static str,
     ) -> Result<PublicKey, federation_proto::Error> {
-        if let Some(signer) = self.verified.get(&env.hash(), content_type) {
+        if let Some(signer) = self.recall_opened(&env.hash(), content_type) {
             return Ok(signer);
         }
         self.open::<T>(env, content_type).map(|v| v.signer)
@@ -1623,9 +1648,22 @@ impl Node {
         }
         let body = federation_proto::codec::from_cbor(&payload)?;
         if new {
-            self.verified.insert(env.hash(), content_type, signer);
+            self.remember_opened(env.hash(), content_type, signer);
         }
         Ok(body)
+    }
+
+    /// The signer, if these bytes were opened (verified and decoded) or signed here
+    /// before, or, through the [`Crypto`]'s shared memory, by another node.
+    fn recall_opened(&self, hash: &ContentHash, content_type: &'static str) -> Option<PublicKey> {
+        self.verified.get(hash, content_type).or_else(|| self.crypto.recall_opened(hash, content_type))
+    }
+
+    /// Remembers bytes opened or signed here, in this node's memory and the
+    /// [`Crypto`]'s.
+    fn remember_opened(&mut self, hash: ContentHash, content_type: &'static str, signer: PublicKey) {
+        self.verified.insert(hash, content_type, signer);
+        self.crypto.note_opened(&hash, content_type, signer);
     }
 
     fn wrong_state(&self, case_id: CaseId, action: &'static str) -> ActionError {
@@ -1715,6 +1753,34 @@ impl Node {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// The verified peers of a node, sorted by name: a vector, as most nodes (villages)
+/// know a handful of peers, for which a `BTreeMap` allocates a whole node of eleven
+/// slots (and keeps each name twice).
+#[derive(Debug, Default)]
+struct Peers(Vec<Peer>);
+
+impl Peers {
+    fn position(&self, name: &NodeName) -> Result<usize, usize> {
+        self.0.binary_search_by(|p| p.name.cmp(name))
+    }
+
+    fn get(&self, name: &NodeName) -> Option<&Peer> {
+        self.position(name).ok().map(|i| &self.0[i])
+    }
+
+    fn contains_key(&self, name: &NodeName) -> bool {
+        self.position(name).is_ok()
+    }
+
+    /// Inserts or replaces the peer of that name.
+    fn insert(&mut self, peer: Peer) {
+        match self.position(&peer.name) {
+            Ok(i) => self.0[i] = peer,
+            Err(i) => self.0.insert(i, peer),
+        }
     }
 }
 

@@ -5,6 +5,10 @@ use federation_proto::{
     CaseOffer, EscalationReason, HopRecord, Message, Millis, Modality, NodeName, Reader, Report, ReportDelivery,
     SignedEnvelope, Tier, Urgency, content_type,
 };
+use federation_proto::{ContentHash, PublicKey};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tiers::harness::{AutoExperts, Harness, ModelScript, public_key_for};
 use tiers::{CaseStatus, Event, ExpertPool, ModelSpec, ReportDown, Upstream};
 
@@ -575,6 +579,106 @@ fn finished_case_can_be_archived_but_one_still_in_flight_cannot() {
         assert!(h.core(node).poll_timeout().is_none(), "{node}: no timer left for an archived case");
     }
     assert!(matches!(h.core_mut("city").archive(case), Err(tiers::ActionError::UnknownCase(_))));
+    // With nothing held any more (its maps given back), a node carries the next case
+    // exactly as the first.
+    let next = h.submit("village", Modality::Ecg, Urgency::Stat, "chest pain again");
+    h.run_for(30 * MIN);
+    assert_eq!(report_at(&h, "village", next).node.as_str(), "county");
+    assert!(h.core("township").case(&next).is_some_and(|c| matches!(c.report_down, ReportDown::Acked { .. })));
+    assert_invariants(&h);
+}
+
+/// Ed25519 with a memory of opened envelopes shared by several nodes (as the
+/// simulator's stand-in shares one per run), counting the checks it really makes.
+struct SharedMemoryCrypto {
+    inner: tiers::Ed25519Crypto,
+    opened: Arc<Mutex<HashMap<(ContentHash, &'static str), PublicKey>>>,
+    verifies: Arc<AtomicUsize>,
+}
+
+impl tiers::Crypto for SharedMemoryCrypto {
+    fn public_key(&self) -> PublicKey {
+        self.inner.public_key()
+    }
+    fn sign(&self, content_type: &str, payload: Vec<u8>) -> Result<SignedEnvelope, federation_proto::Error> {
+        self.inner.sign(content_type, payload)
+    }
+    fn verify(
+        &self,
+        env: &SignedEnvelope,
+        content_type: &str,
+    ) -> Result<(PublicKey, Vec<u8>), federation_proto::Error> {
+        self.verifies.fetch_add(1, Ordering::Relaxed);
+        self.inner.verify(env, content_type)
+    }
+    fn recall_opened(&self, hash: &ContentHash, content_type: &str) -> Option<PublicKey> {
+        let opened = self.opened.lock().unwrap();
+        opened.iter().find(|((h, ct), _)| h == hash && *ct == content_type).map(|(_, signer)| *signer)
+    }
+    fn note_opened(&self, hash: &ContentHash, content_type: &'static str, signer: PublicKey) {
+        self.opened.lock().unwrap().insert((*hash, content_type), signer);
+    }
+}
+
+#[test]
+fn a_crypto_memory_shared_by_nodes_spares_checking_what_another_node_opened() {
+    let opened = Arc::new(Mutex::new(HashMap::new()));
+    let verifies = Arc::new(AtomicUsize::new(0));
+    let core = |name: &str, tier: Tier, upstream: Option<&str>, opened: &Arc<Mutex<_>>| {
+        let mut config = tiers::NodeConfig::new(name, tier);
+        config.upstream = upstream
+            .map(|u| Upstream { name: u.into(), tier: Tier::Township, public_key: Some(public_key_for(u)) })
+            .into_iter()
+            .collect();
+        config.experts = if tier == Tier::Township { vec![ecg_experts(1, 5 * MIN)] } else { Vec::new() };
+        let crypto = SharedMemoryCrypto {
+            inner: tiers::Ed25519Crypto::new(tiers::harness::key_for(name)),
+            opened: Arc::clone(opened),
+            verifies: Arc::clone(&verifies),
+        };
+        tiers::Node::with_crypto(config, Box::new(crypto))
+    };
+    let peer = |name: &str, tier: Tier| tiers::Peer { name: name.into(), tier, public_key: public_key_for(name) };
+    let now = Millis(1_700_000_000_000);
+    let offer_from = |village: &mut tiers::Node, to: &str| {
+        village.handle_peer_up(now, peer(to, Tier::Township)).unwrap();
+        let new = tiers::NewCase {
+            case_id: federation_proto::CaseId([7; 16]),
+            modality: Modality::Ecg,
+            task: "ecg.rhythm".into(),
+            urgency: Urgency::Stat,
+            clinical_question: "chest pain".into(),
+            patient: federation_proto::PatientRef { pseudonym: "p1".into(), sex: None, age_years: None },
+            attachments: Vec::new(),
+            deidentified: Vec::new(),
+            identity: None,
+        };
+        village.handle_submit(now, new).unwrap();
+        std::iter::from_fn(|| village.poll_output())
+            .find_map(|o| match o {
+                tiers::Output::Send { message: Message::CaseOffer(offer), .. } => Some(offer),
+                _ => None,
+            })
+            .expect("the village offers the case up")
+    };
+    // The village signed the manifest and its hop: the township that shares its
+    // memory opens both without checking them again, and takes the case as usual.
+    let mut village = core("village", Tier::Village, Some("township"), &opened);
+    let mut township = core("township", Tier::Township, None, &opened);
+    let offer = offer_from(&mut village, "township");
+    township.handle_peer_up(now, peer("village", Tier::Village)).unwrap();
+    township.handle_message(now, &"village".into(), Message::CaseOffer(offer.clone())).unwrap();
+    assert_eq!(verifies.load(Ordering::Relaxed), 0, "nothing checked twice within the shared memory");
+    let queued = |node: &tiers::Node| {
+        matches!(node.case(&federation_proto::CaseId([7; 16])).map(|c| &c.status), Some(CaseStatus::Queued { .. }))
+    };
+    assert!(queued(&township), "no attachments: custody at once, then the township's queue");
+    // A township outside that memory checks every envelope itself, same outcome.
+    let mut other = core("township", Tier::Township, None, &Arc::new(Mutex::new(HashMap::new())));
+    other.handle_peer_up(now, peer("village", Tier::Village)).unwrap();
+    other.handle_message(now, &"village".into(), Message::CaseOffer(offer.clone())).unwrap();
+    assert_eq!(verifies.load(Ordering::Relaxed), 2, "manifest and hop checked");
+    assert!(queued(&other));
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use federation_proto::{CaseId, Millis, NodeName, PublicKey};
+use federation_proto::{CaseId, ContentHash, Millis, NodeName, PublicKey};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Row};
@@ -44,8 +44,14 @@ struct Migration {
 }
 
 /// Every migration, in order, matching the SQLite list version by version.
-const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "initial", sql: include_str!("../../migrations/postgres/0001_initial.sql") }];
+const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "initial", sql: include_str!("../../migrations/postgres/0001_initial.sql") },
+    Migration {
+        version: 2,
+        name: "blob_journal",
+        sql: include_str!("../../migrations/postgres/0002_blob_journal.sql"),
+    },
+];
 
 /// A hub's PostgreSQL store. Cheap to clone: clones share the pool.
 #[derive(Clone)]
@@ -200,6 +206,21 @@ impl PgStore {
                 (Write::Change(Change::PutCase(record)), Some(bytes)) => {
                     put_case_tx(&mut tx, key, record, bytes).await?
                 }
+                (Write::Blob { hash, bytes }, _) => {
+                    sqlx::query(sql::JOURNAL_BLOB)
+                        .bind(hash.to_string())
+                        .bind(&bytes[..])
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db("journal a blob"))?;
+                }
+                (Write::ForgetBlob(hash), _) => {
+                    sqlx::query(sql::FORGET_BLOB)
+                        .bind(hash.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db("forget a journaled blob"))?;
+                }
                 _ => {
                     let entry = write.entry().expect("an audit write");
                     append_audit(&mut tx, key, &entry).await?;
@@ -214,6 +235,28 @@ impl PgStore {
         let rows =
             sqlx::query(sql::CASES).fetch_all(&self.inner.pool).await.map_err(StoreError::db("load the cases"))?;
         rows.iter().map(decode_case_row).collect()
+    }
+
+    /// See [`super::Store::journaled_blobs`].
+    pub async fn journaled_blobs(&self, limit: u32) -> Result<Vec<ContentHash>, StoreError> {
+        const OP: &str = "list the blob journal";
+        let rows = sqlx::query(sql::JOURNALED_BLOBS)
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(StoreError::db(OP))?;
+        rows.iter().map(|r| super::journal_hash(r.try_get(0).map_err(StoreError::db(OP))?)).collect()
+    }
+
+    /// See [`super::Store::journaled_blob`].
+    pub async fn journaled_blob(&self, hash: &ContentHash) -> Result<Option<Vec<u8>>, StoreError> {
+        const OP: &str = "read a journaled blob";
+        let row = sqlx::query(sql::JOURNALED_BLOB)
+            .bind(hash.to_string())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(StoreError::db(OP))?;
+        row.map(|r| r.try_get::<Vec<u8>, _>(0).map_err(StoreError::db(OP))).transpose()
     }
 
     /// One case's record, if stored.

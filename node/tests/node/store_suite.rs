@@ -328,6 +328,25 @@ async fn a_read_only_store_sees_commits_and_refuses_writes(backend: Backend) {
     assert!(matches!(reader.audit(Millis(1), "x", None, None, "").await, Err(StoreError::ReadOnly { .. })));
 }
 
+/// Makes the database refuse to insert the case `victim` (a trigger named refuse_one).
+async fn refuse_inserts_of(place: &Place, victim: &str) {
+    raw(
+        place,
+        &format!(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON cases WHEN NEW.case_id = '{victim}' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ),
+        &format!(
+            "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN \
+               IF NEW.case_id = '{victim}' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+               RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse_one BEFORE INSERT ON cases FOR EACH ROW EXECUTE FUNCTION refuse_one()"
+        ),
+    )
+    .await
+    .unwrap();
+}
+
 /// Group commit: one batch of case changes and audit records is one transaction,
 /// all or nothing, with each write doing what `apply` / `audit` would alone.
 async fn a_batch_commits_all_its_writes_or_none(backend: Backend) {
@@ -343,21 +362,7 @@ async fn a_batch_commits_all_its_writes_or_none(backend: Backend) {
     ];
     // The database refuses the third write: nothing of the batch may remain.
     let victim = recs[1].info.case_id.to_string();
-    raw(
-        &place,
-        &format!(
-            "CREATE TRIGGER refuse_one BEFORE INSERT ON cases WHEN NEW.case_id = '{victim}' \
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
-        ),
-        &format!(
-            "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN \
-               IF NEW.case_id = '{victim}' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
-               RETURN NEW; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER refuse_one BEFORE INSERT ON cases FOR EACH ROW EXECUTE FUNCTION refuse_one()"
-        ),
-    )
-    .await
-    .unwrap();
+    refuse_inserts_of(&place, &victim).await;
     let err = store.commit(&batch).await.unwrap_err();
     assert!(matches!(err, StoreError::Database { .. }), "{err}");
     assert!(store.load().await.unwrap().is_empty(), "a failed batch leaves no case behind");
@@ -378,6 +383,40 @@ async fn a_batch_commits_all_its_writes_or_none(backend: Backend) {
     assert_eq!(store.verify_audit_chain().await.unwrap(), 4);
     store.commit(&[]).await.unwrap();
     assert_eq!(store.verify_audit_chain().await.unwrap(), 4, "an empty batch writes nothing");
+}
+
+/// The blob journal (ADR 0009): a small attachment's bytes commit with the case that
+/// holds it, all or nothing, survive a reopen, and go once forgotten.
+async fn journaled_blobs_commit_with_their_case_and_are_forgotten(backend: Backend) {
+    use federation_proto::ContentHash;
+    let (h, _) = federation();
+    let place = place(backend).await;
+    let store = open(&place, "county").await;
+    let recs = records(&h, "county");
+    let bytes: Vec<u8> = (0..120 * 1024).map(|i| (i % 253) as u8).collect();
+    let hash = ContentHash::of(&bytes);
+    let blob = || Write::Blob { hash, bytes: std::sync::Arc::new(bytes.clone()) };
+    assert!(store.journaled_blobs(10).await.unwrap().is_empty());
+
+    // Refused with its batch: neither the case nor the bytes remain.
+    let victim = recs[0].info.case_id.to_string();
+    refuse_inserts_of(&place, &victim).await;
+    assert!(store.commit(&[blob(), Write::Change(put(&recs[0]))]).await.is_err());
+    assert!(store.journaled_blobs(10).await.unwrap().is_empty(), "a failed batch journals nothing");
+    raw(&place, "DROP TRIGGER refuse_one", "DROP TRIGGER refuse_one ON cases").await.unwrap();
+
+    store.commit(&[blob(), Write::Change(put(&recs[0])), blob()]).await.unwrap();
+    store.commit(&[blob()]).await.unwrap();
+    assert_eq!(store.journaled_blobs(10).await.unwrap(), vec![hash], "journaled once");
+    store.close().await;
+    let store = open(&place, "county").await;
+    assert_eq!(store.journaled_blob(&hash).await.unwrap().as_deref(), Some(&bytes[..]), "durable across a reopen");
+    assert_eq!(store.load().await.unwrap(), recs[..1].to_vec());
+
+    store.commit(&[Write::ForgetBlob(hash)]).await.unwrap();
+    assert!(store.journaled_blobs(10).await.unwrap().is_empty());
+    assert_eq!(store.journaled_blob(&hash).await.unwrap(), None);
+    store.commit(&[Write::ForgetBlob(hash)]).await.unwrap();
 }
 
 macro_rules! suite {
@@ -408,4 +447,5 @@ suite!(
     records_survive_reopen_and_a_new_key_is_handed_over,
     a_read_only_store_sees_commits_and_refuses_writes,
     a_batch_commits_all_its_writes_or_none,
+    journaled_blobs_commit_with_their_case_and_are_forgotten,
 );

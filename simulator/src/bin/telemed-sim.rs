@@ -19,6 +19,23 @@ use std::path::{Path, PathBuf};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its place in mimalloc 3's `mi_option_e`; the
+/// test below checks it by its default): how long freed memory waits before it goes
+/// back to the OS.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Never give freed pages back to the OS (purge delay -1), unless the environment
+/// says otherwise (`MIMALLOC_PURGE_DELAY`): a run's memory only grows to its peak,
+/// and pages given back were faulted in and zeroed again (the `china` day: ~2 s of
+/// system time; docs/benchmarks.md).
+fn keep_freed_pages() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: a plain store into mimalloc's option table, at the start of `main`
+        // before any other thread exists (the call is not thread safe).
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "telemed-sim", version, about = "Deterministic topology simulator of the telemedicine federation")]
 struct Cli {
@@ -77,6 +94,7 @@ const HENAN_BASELINE: &str = include_str!("../../scenarios/henan-baseline.toml")
 const CHINA_BASELINE: &str = include_str!("../../scenarios/china-baseline.toml");
 
 fn main() -> Result<()> {
+    keep_freed_pages();
     match Cli::parse().command {
         Command::Run { scenario, preset, scale, hours, seed, out, crypto } => {
             let crypto = match crypto.as_str() {
@@ -191,4 +209,21 @@ fn erlang_check(lambda: f64, mu: f64, c: u32, hours: f64, seed: u64) -> Result<(
     println!("error          {:+.2} %", 100.0 * (mean - closed.mean_wait * 60.0) / (closed.mean_wait * 60.0));
     println!("wall time      {:.2} s", outcome.metrics.wall_s);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_delay_option_is_the_one_mimalloc_reads_from_mimalloc_purge_delay() {
+        // SAFETY: reads mimalloc's option table.
+        let value = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        match std::env::var("MIMALLOC_PURGE_DELAY") {
+            Ok(set) => assert_eq!(value.to_string(), set.trim()),
+            // mimalloc 3's default purge delay; the neighbouring options default to 1
+            // (eager commit delay) and 0 (NUMA nodes).
+            Err(_) => assert_eq!(value, 1000),
+        }
+    }
 }
