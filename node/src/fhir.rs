@@ -12,7 +12,7 @@
 //! memory, and carry only the pseudonym as the subject: this API never serves a
 //! direct identifier. Every request needs `Authorization: Bearer <token>` of a client
 //! whose scopes cover the resource type: an access token from the OAuth 2.0
-//! client-credentials endpoint `POST /fhir/auth/token` (`fhir_oauth.rs`, ADR 0010)
+//! client-credentials endpoint `POST /fhir/auth/token` (`fhir_oauth.rs`, ADR 0011)
 //! or a static client token (`fhir_auth.rs`, ADR 0008); errors are
 //! `OperationOutcome`s. `GET /fhir/metadata` (CapabilityStatement) and
 //! `/fhir/.well-known/smart-configuration` say where the token endpoint is.

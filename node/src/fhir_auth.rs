@@ -1,4 +1,4 @@
-//! Who may call the FHIR API (ADR 0008, ADR 0010): registered clients, each with
+//! Who may call the FHIR API (ADR 0008, ADR 0011): registered clients, each with
 //! SMART-style system scopes and a client secret for the OAuth 2.0
 //! client-credentials grant (`fhir_oauth.rs`), and/or a static bearer token; both
 //! stored only as their SHA-256.

@@ -1,4 +1,4 @@
-//! The FHIR API's OAuth 2.0 authorization server (ADR 0010): the client-credentials
+//! The FHIR API's OAuth 2.0 authorization server (ADR 0011): the client-credentials
 //! grant of RFC 6749 §4.4 at `POST /fhir/auth/token`, and the [`Authority`] that
 //! decides, for every FHIR request, which client presents the bearer token.
 //!
@@ -19,7 +19,7 @@
 //!   keep working beside issued ones.
 //!
 //! What this is not: SMART Backend Services' `private_key_jwt` client
-//! authentication (asymmetric keys, JWKS) — see ADR 0010. This module never logs or
+//! authentication (asymmetric keys, JWKS) — see ADR 0011. This module never logs or
 //! stores a secret or token, only digests and client ids.
 
 use std::collections::HashMap;

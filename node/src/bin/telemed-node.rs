@@ -197,7 +197,7 @@ enum ModelsCommand {
 
 #[derive(Subcommand)]
 enum FhirCommand {
-    /// Registered clients of the FHIR API (docs/adr/0010-fhir-oauth-client-credentials.md).
+    /// Registered clients of the FHIR API (docs/adr/0011-fhir-oauth-client-credentials.md).
     Client {
         #[command(subcommand)]
         action: FhirClientAction,

@@ -1,4 +1,4 @@
-//! The FHIR API's OAuth 2.0 client-credentials grant over real HTTP (ADR 0010):
+//! The FHIR API's OAuth 2.0 client-credentials grant over real HTTP (ADR 0011):
 //! clients registered with the real `telemed-node fhir client add` command get
 //! short-lived access tokens from `POST /fhir/auth/token`, read what their scopes
 //! allow, get 401 once the token expires or the client is revoked (by the real
