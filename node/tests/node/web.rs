@@ -96,6 +96,20 @@ pub fn ecg_request(urgency: Urgency, question: &str) -> SubmitRequest {
     }
 }
 
+/// An urgent imaging case of the real CT_small.dcm for `patient` (question "nodule?").
+pub fn ct_request(patient: &str) -> SubmitRequest {
+    SubmitRequest {
+        study: None,
+        files: vec![node::demo::testdata_dir().join("CT_small.dcm")],
+        modality: Modality::Imaging,
+        urgency: Urgency::Urgent,
+        question: "nodule?".into(),
+        patient: patient.into(),
+        task: None,
+        details: Default::default(),
+    }
+}
+
 /// Waits (bounded) until `node` holds `n` cases in the given status.
 pub async fn wait_for_status(node: &Running, status: &str, n: usize) {
     let end = Instant::now() + Duration::from_secs(60);
