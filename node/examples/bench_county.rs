@@ -1,12 +1,15 @@
 //! Load and latency of custody transfer into one county node, over real QUIC on
 //! loopback with real certificates and a real SQLite store.
 //!
-//! Phase 1 (latency): one village offers 200 cases of 120 KB one after another on an
-//! open link; time from offer to signed custody receipt (one hop: offer, accept,
-//! chunk fetch with hash checks, two SQLite commits, receipt).
+//! Phase 1 (latency): one village offers `BENCH_PHASE1_CASES` (200) cases of 120 KB
+//! one after another on an open link, after 20 to warm up; time from offer to signed
+//! custody receipt (one hop: offer, chunk fetch with hash checks, the custody commit,
+//! receipt), then that time split at the steps the village sees (first chunk
+//! request, last chunk answered, offer accepted). `BENCH_PHASE2=0` stops after it.
 //! Phase 2 (load): N villages connected at once (default 500), each offering K cases
-//! (default 4) back to back; cases/s, p50/p99 time to custody, and whether every case
-//! is held at the county (no loss).
+//! (default 4) back to back, re-offering a case after 5 s without its receipt as a
+//! real village does; cases/s, p50/p99 time to custody, re-offers, and whether every
+//! case is held at the county (no loss).
 //!
 //! Run: `cargo run --release -p node --example bench_county` (env: BENCH_VILLAGES,
 //! BENCH_CASES_PER_VILLAGE). Peak RSS is the whole process: the county node and all
@@ -30,6 +33,12 @@ use node::load::{COUNTY, connect_villages, county_plan};
 use node::loadgen::PlayedChild;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Phase 2: a village re-offers a case after this long without its receipt (a real
+/// node's offer retry backs off from 2 s; the load here makes 2 s receipts normal).
+const REOFFER_AFTER: Duration = Duration::from_secs(5);
+/// Phase 2: re-offers of one case at most.
+const REOFFERS_MAX: u32 = 11;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -218,15 +227,20 @@ async fn main() -> anyhow::Result<()> {
     let v =
         PlayedChild::connect(&creds, c.name.as_str().into(), Tier::Village, trust.clone(), COUNTY.into(), county.addr)
             .await?;
+    let phase1: usize = env_or("BENCH_PHASE1_CASES", 200);
+    v.keep_timelines();
     let mut lat = Vec::new();
-    for i in 0..220 {
+    let mut ids = Vec::new();
+    for i in 0..phase1 + 20 {
         let mut data = (*ecg).clone();
         data[0] = (i % 256) as u8;
         data[1] = (i / 256) as u8;
-        let offer = v.make_offer(next_id(), Modality::Ecg, Urgency::Stat, Arc::new(data));
+        let id = next_id();
+        let offer = v.make_offer(id, Modality::Ecg, Urgency::Stat, Arc::new(data));
         let took = v.offer_until_receipt(offer, Duration::from_secs(30)).await.expect("receipt");
         if i >= 20 {
             lat.push(took); // the first 20 warm up
+            ids.push(id);
         }
     }
     lat.sort();
@@ -237,6 +251,33 @@ async fn main() -> anyhow::Result<()> {
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().unwrap().as_secs_f64() * 1e3
     );
+
+    // Where the time went, as the village saw it.
+    let timelines: Vec<_> = ids.iter().filter_map(|id| v.timeline(id)).collect();
+    let split = |name: &str,
+                 from: fn(&node::loadgen::Timeline) -> Option<Instant>,
+                 to: fn(&node::loadgen::Timeline) -> Option<Instant>| {
+        let mut d: Vec<Duration> =
+            timelines.iter().filter_map(|t| Some(to(t)?.saturating_duration_since(from(t)?))).collect();
+        d.sort();
+        if !d.is_empty() {
+            println!(
+                "  {name:<44} n={:>3}  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms",
+                d.len(),
+                percentile(&d, 0.5).as_secs_f64() * 1e3,
+                percentile(&d, 0.99).as_secs_f64() * 1e3,
+                d.last().unwrap().as_secs_f64() * 1e3
+            );
+        }
+    };
+    split("offer sent -> first chunk request", |t| t.offered, |t| t.first_request);
+    split("first chunk request -> last chunk answered", |t| t.first_request, |t| t.last_answer);
+    split("last chunk answered -> custody receipt", |t| t.last_answer, |t| t.receipted);
+    split("offer sent -> offer accepted", |t| t.offered, |t| t.accepted);
+    if std::env::var("BENCH_PHASE2").is_ok_and(|v| v == "0") {
+        county.shutdown().await?;
+        return Ok(());
+    }
 
     // Phase 2: many villages at once.
     let connect_start = Instant::now();
@@ -261,15 +302,17 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut times = Vec::new();
             for offer in offers {
-                times.push(child.offer_until_receipt(offer, Duration::from_secs(120)).await);
+                // As a real village: re-offer after a while without a receipt.
+                times.push(child.offer_with_retries(offer, REOFFER_AFTER, REOFFERS_MAX + 1).await);
             }
             times
         }));
     }
     let mut times = Vec::new();
-    let mut lost = 0;
+    let (mut lost, mut reoffers) = (0, 0);
     for t in tasks {
-        for r in t.await? {
+        for (r, retries) in t.await? {
+            reoffers += retries;
             match r {
                 Some(d) => times.push(d),
                 None => lost += 1,
@@ -281,13 +324,13 @@ async fn main() -> anyhow::Result<()> {
     let total = villages * per_village;
     let held = county.status().await?.cases.len();
     println!(
-        "{villages} villages x {per_village} cases of 120 KB: {} receipts in {:.1} s = {:.0} cases/s; time to custody p50 {:.0} ms, p99 {:.0} ms; {lost} without receipt; county holds {held} cases (expected {})",
+        "{villages} villages x {per_village} cases of 120 KB: {} receipts in {:.1} s = {:.0} cases/s; time to custody p50 {:.0} ms, p99 {:.0} ms; {reoffers} re-offers; {lost} without receipt; county holds {held} cases (expected {})",
         times.len(),
         wall.as_secs_f64(),
         times.len() as f64 / wall.as_secs_f64(),
         percentile(&times, 0.5).as_secs_f64() * 1e3,
         percentile(&times, 0.99).as_secs_f64() * 1e3,
-        total + 220
+        total + phase1 + 20
     );
     println!("peak RSS (county node + all played villages, one process): {:.0} MiB", vm_hwm_mib());
     county.shutdown().await?;

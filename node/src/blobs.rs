@@ -56,6 +56,13 @@ pub const COPY_BUF_LEN: usize = 1024 * 1024;
 pub const SYNC_EVERY: u64 = 16 * 1024 * 1024;
 /// Chunks queued between [`PartialWriter::append`] and the thread writing them.
 pub const WRITE_QUEUE_DEPTH: usize = 4;
+/// [`BlobStore::sync_objects`] pauses this long after each flush: it runs in the
+/// background while custody commits wait on their own flush, and a batch of ~140
+/// flushes back to back (a file and a directory per blob) kept the disk's queue
+/// busy so that a commit's flush waited behind several of them (issue #4: per-hop
+/// p99). With the pauses a commit waits behind one at most; a batch of
+/// [`crate::daemon::JOURNAL_SYNC_BATCH_MAX`] blobs takes at most ~0.5 s longer.
+pub const SYNC_GAP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What can go wrong with the blob directory, grouped by cause.
 #[derive(Debug, thiserror::Error)]
@@ -290,8 +297,8 @@ impl BlobStore {
     }
 
     /// Makes the files of `hashes` (installed by [`BlobStore::install_journaled`])
-    /// durable: fsyncs each file and its directory entries. After it returns `Ok`,
-    /// their journal rows may be dropped.
+    /// durable: fsyncs each file and its directory entries, one at a time with
+    /// [`SYNC_GAP`] between. After it returns `Ok`, their journal rows may be dropped.
     pub async fn sync_objects(&self, hashes: Vec<ContentHash>) -> Result<(), BlobError> {
         let store = self.clone();
         blocking(move || {
@@ -300,11 +307,13 @@ impl BlobStore {
                 let path = store.path_of(hash);
                 File::open(&path).and_then(|f| f.sync_all()).map_err(BlobError::io("syncing", &path))?;
                 dirs.insert(path.parent().expect("objects/ab/… has a parent").to_owned());
+                std::thread::sleep(SYNC_GAP);
             }
             // The `objects/ab` directories may be new: their own entries too.
             sync_dir(&store.inner.objects)?;
             for dir in dirs {
                 sync_dir(&dir)?;
+                std::thread::sleep(SYNC_GAP);
             }
             Ok(())
         })

@@ -59,8 +59,18 @@ pub const SHUTDOWN_FETCH_WAIT: Duration = Duration::from_secs(10);
 /// commit that journals them (ADR 0010); past it, small ones go the file way too.
 pub const JOURNAL_BYTES_IN_FLIGHT_MAX: usize = 64 * 1024 * 1024;
 /// Journaled blobs whose files are fsynced in one background batch at most; their
-/// journal rows are dropped with a later commit (or once this many wait).
+/// journal rows are dropped with later commits ([`JOURNAL_FORGETS_PER_COMMIT`]).
 pub const JOURNAL_SYNC_BATCH_MAX: usize = 256;
+/// Journal rows of durable blobs dropped with one commit at most, besides one for
+/// each blob that commit journals (so the drops keep up with the arrivals). Dropping
+/// a row frees its ~30 overflow pages, about 75 µs each row on the machine of
+/// docs/benchmarks.md; a commit carrying a whole sync batch of them (60–70 under a
+/// steady stream of cases) took 6–8 ms, and the case whose custody commit it was
+/// waited for all of it: that was the tail of the per-hop latency (issue #4).
+pub const JOURNAL_FORGETS_PER_COMMIT: usize = 4;
+/// When durable blobs' journal rows wait and nothing else commits for this long, a
+/// commit of its own drops [`JOURNAL_FORGETS_PER_COMMIT`] of them.
+pub const JOURNAL_FORGET_IDLE: Duration = Duration::from_millis(100);
 /// A background sync of journaled blobs' files waits this long before it starts, so
 /// that one sync (a few flushes) serves every blob received meanwhile and stays out
 /// of the way of the commits that custody waits for.
@@ -472,8 +482,10 @@ struct Core {
     to_install: Vec<(ContentHash, Arc<Vec<u8>>, tokio::sync::OwnedSemaphorePermit)>,
     /// Journaled blobs whose files are not known to be durable yet.
     unsynced: Vec<ContentHash>,
-    /// Journaled blobs whose files are durable: their rows go with a later commit.
+    /// Journaled blobs whose files are durable: their rows go with later commits.
     synced: Vec<ContentHash>,
+    /// When some of `synced` go in a commit of their own if no other commit took them.
+    forget_due: Option<tokio::time::Instant>,
     /// The background sync of journaled blobs' files (at most one runs).
     syncs: tokio::task::JoinSet<()>,
     /// Offer acceptances held back with the writes they follow (see [`Core::drain`]).
@@ -750,6 +762,7 @@ pub async fn start(config: Config) -> Result<Running, DaemonError> {
         to_install: Vec::new(),
         unsynced: Vec::new(),
         synced: Vec::new(),
+        forget_due: None,
         syncs: tokio::task::JoinSet::new(),
         deferred: Vec::new(),
         commit_due: None,
@@ -1003,6 +1016,13 @@ impl Core {
                     None => std::future::pending().await,
                 }
             };
+            let forget_due = self.forget_due;
+            let forget = async move {
+                match forget_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { break };
@@ -1024,6 +1044,7 @@ impl Core {
                 }
                 _ = sleep => self.core.handle_timeout(now()),
                 _ = due => self.force_commit = true,
+                _ = forget => {} // `drain` sees that it is due
             }
             self.force_commit |= shutdown;
             self.drain().await?;
@@ -1464,11 +1485,16 @@ impl Core {
                 return Ok(());
             }
             self.commit_due = None;
-            if !self.pending.is_empty() || self.synced.len() >= JOURNAL_SYNC_BATCH_MAX {
-                // Journal rows of blobs whose files are durable now ride along.
-                let forget = std::mem::take(&mut self.synced).into_iter().map(crate::store::Write::ForgetBlob);
+            let forget_now = self.forget_due.is_some_and(|at| at <= tokio::time::Instant::now());
+            if !self.pending.is_empty() || (forget_now && !self.synced.is_empty()) {
+                // Journal rows of blobs whose files are durable now ride along, a
+                // bounded number (see JOURNAL_FORGETS_PER_COMMIT).
+                let journaled = self.pending.iter().filter(|w| matches!(w, crate::store::Write::Blob { .. })).count();
+                let n = self.synced.len().min(journaled + JOURNAL_FORGETS_PER_COMMIT);
+                let forget: Vec<_> = self.synced.drain(..n).map(crate::store::Write::ForgetBlob).collect();
                 let mut writes = std::mem::take(&mut self.pending);
                 writes.extend(forget);
+                self.forget_due = None;
                 if let Err(e) = self.store.commit(&writes).await {
                     tracing::error!(node = %self.config.name, "store failed, stopping (nothing unsaved was sent): {e}");
                     return Err(e.into());
@@ -1477,6 +1503,22 @@ impl Core {
                     let _ = wake.try_send(()); // full: a wake is already queued
                 }
             }
+            if self.synced.is_empty() {
+                self.forget_due = None;
+            } else if self.forget_due.is_none() {
+                self.forget_due = Some(tokio::time::Instant::now() + JOURNAL_FORGET_IDLE);
+            }
+            // Messages that make no peer read a blob file (receipts, acceptances,
+            // reports) go out at once: a custody receipt waits for nothing but the
+            // commit. The files of the blobs just journaled are written before
+            // anything that may read them (an offer onwards, a model run, a client).
+            let acted = !held.is_empty();
+            let (early, late): (Vec<_>, Vec<_>) = held
+                .into_iter()
+                .partition(|o| matches!(o, Output::Send { message, .. } if !matches!(message, Message::CaseOffer(_))));
+            for output in early {
+                self.act(output);
+            }
             self.install_journaled().await?;
             for event in self.ui_pending.drain(..) {
                 let _ = self.ui_events.send(event);
@@ -1484,12 +1526,12 @@ impl Core {
             for done in self.committed_pending.drain(..) {
                 let _ = done.send(());
             }
-            if held.is_empty() {
+            if !acted {
                 return Ok(());
             }
             // Acting on these may give the core new inputs (a link found down), whose
             // outputs the next round handles.
-            for output in held {
+            for output in late {
                 self.act(output);
             }
         }

@@ -491,6 +491,13 @@ struct Walker<R> {
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 const MAX_DEPTH: u32 = 32;
 
+/// Every value representation of PS3.5 §6.2 (2023 edition onwards).
+const KNOWN_VRS: [[u8; 2]; 34] = [
+    *b"AE", *b"AS", *b"AT", *b"CS", *b"DA", *b"DS", *b"DT", *b"FD", *b"FL", *b"IS", *b"LO", *b"LT", *b"OB", *b"OD",
+    *b"OF", *b"OL", *b"OV", *b"OW", *b"PN", *b"SH", *b"SL", *b"SQ", *b"SS", *b"ST", *b"SV", *b"TM", *b"UC", *b"UI",
+    *b"UL", *b"UN", *b"UR", *b"US", *b"UT", *b"UV",
+];
+
 impl<R: Read + Seek> Walker<R> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], String> {
         let mut b = [0u8; N];
@@ -523,8 +530,12 @@ impl<R: Read + Seek> Walker<R> {
             return Ok((None, self.u32()?));
         }
         let vr = self.bytes::<2>()?;
-        if !vr.iter().all(u8::is_ascii_uppercase) {
-            return Err(format!("invalid VR {vr:?} at byte {}", self.pos - 2));
+        // Only the VRs PS3.5 §6.2 defines. The parser reads any other pair of
+        // letters as UN, whose length field is four bytes after two reserved ones,
+        // so the walk and the parser would part ways and the parser would allocate
+        // a length the walk never checked.
+        if !KNOWN_VRS.contains(&vr) {
+            return Err(format!("invalid VR {:?} at byte {}", String::from_utf8_lossy(&vr), self.pos - 2));
         }
         let long = matches!(
             &vr,

@@ -151,21 +151,11 @@ async fn village_loop(village: &PlayedChild, profile: &LoadProfile, base: &[u8],
         let hash = ContentHash::of(&data);
         let offer = village.make_offer(case_id, Modality::Ecg, Urgency::Urgent, Arc::new(data));
         out.offered.push(case_id);
-        let first = Instant::now();
-        let mut receipted = false;
-        for attempt in 0..profile.tries_max.max(1) {
-            if attempt > 0 {
-                out.retries += 1;
-            }
-            if village.offer_until_receipt(offer.clone(), profile.receipt_timeout).await.is_some() {
-                receipted = true;
-                break;
-            }
-        }
-        if receipted {
-            out.latencies.push(first.elapsed());
-        } else {
-            out.unreceipted.push(case_id);
+        let (took, retries) = village.offer_with_retries(offer, profile.receipt_timeout, profile.tries_max).await;
+        out.retries += retries;
+        match took {
+            Some(took) => out.latencies.push(took),
+            None => out.unreceipted.push(case_id),
         }
         // The county holds it now (or we gave up): the village need not keep serving it.
         village.forget_attachment(&hash);

@@ -19,6 +19,31 @@ use tokio::sync::oneshot;
 
 type Waiters = Arc<Mutex<BTreeMap<CaseId, oneshot::Sender<Instant>>>>;
 
+/// When this child saw each step of one case's custody transfer (its own clock;
+/// benchmarks split the time to custody with it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timeline {
+    pub offered: Option<Instant>,
+    /// The first chunk request for the case arrived.
+    pub first_request: Option<Instant>,
+    /// The last chunk answer was written and its stream finished.
+    pub last_answer: Option<Instant>,
+    pub accepted: Option<Instant>,
+    pub receipted: Option<Instant>,
+}
+
+/// Timelines of the cases offered since [`PlayedChild::keep_timelines`] (bounded).
+type Timelines = Arc<Mutex<Option<BTreeMap<CaseId, Timeline>>>>;
+const TIMELINES_MAX: usize = 100_000;
+
+fn stamp(timelines: &Timelines, case_id: CaseId, step: impl FnOnce(&mut Timeline)) {
+    if let Some(map) = timelines.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+        && (map.len() < TIMELINES_MAX || map.contains_key(&case_id))
+    {
+        step(map.entry(case_id).or_default());
+    }
+}
+
 /// What [`PlayedChild::make_offer_with`] signs, open to tampering before it is signed.
 pub struct OfferParts {
     pub manifest: CaseManifest,
@@ -36,6 +61,7 @@ pub struct PlayedChild {
     parent: NodeName,
     blobs: Arc<Mutex<BTreeMap<ContentHash, Arc<Vec<u8>>>>>,
     waiters: Waiters,
+    timelines: Timelines,
     /// Every message the node sent us other than chunk traffic, in arrival order
     /// (dropped when nobody reads and the queue is full).
     pub answers: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Message>>,
@@ -71,6 +97,7 @@ impl PlayedChild {
             parent,
             blobs: Arc::default(),
             waiters: Arc::default(),
+            timelines: Arc::default(),
             answers: tokio::sync::Mutex::new(answers),
             answers_tx,
             _endpoint: endpoint,
@@ -81,14 +108,19 @@ impl PlayedChild {
 
     fn serve(&self) {
         let (conn, blobs, waiters) = (self.link.connection.clone(), self.blobs.clone(), self.waiters.clone());
-        let answers = self.answers_tx.clone();
+        let (answers, timelines) = (self.answers_tx.clone(), self.timelines.clone());
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (blobs, waiters, answers) = (blobs.clone(), waiters.clone(), answers.clone());
+                let timelines = timelines.clone();
                 tokio::spawn(async move {
                     let Ok(msg) = transport::read_frame(&mut recv).await else { return };
                     match msg {
                         Message::ChunkRequest(req) => {
+                            let t = Instant::now();
+                            stamp(&timelines, req.case_id, |tl| {
+                                tl.first_request.get_or_insert(t);
+                            });
                             let data = blobs.lock().unwrap_or_else(|p| p.into_inner()).get(&req.hash).cloned();
                             if let Some(data) = data {
                                 let start = (req.offset as usize).min(data.len());
@@ -103,18 +135,27 @@ impl PlayedChild {
                                 };
                                 let _ = transport::write_frame(&mut send, &Message::ChunkResponse(resp)).await;
                                 let _ = send.finish();
+                                let t = Instant::now();
+                                stamp(&timelines, req.case_id, |tl| tl.last_answer = Some(t));
                             }
                         }
                         Message::CustodyReceipt(env) => {
-                            if let Ok(v) = env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT)
-                                && let Some(tx) =
+                            let t = Instant::now();
+                            if let Ok(v) = env.open::<CustodyReceipt>(content_type::CUSTODY_RECEIPT) {
+                                stamp(&timelines, v.body.case_id, |tl| tl.receipted = Some(t));
+                                if let Some(tx) =
                                     waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&v.body.case_id)
-                            {
-                                let _ = tx.send(Instant::now());
+                                {
+                                    let _ = tx.send(t);
+                                }
                             }
                             let _ = answers.try_send(Message::CustodyReceipt(env));
                         }
                         other => {
+                            if let Message::OfferAccept(a) = &other {
+                                let t = Instant::now();
+                                stamp(&timelines, a.case_id, |tl| tl.accepted = Some(t));
+                            }
                             let _ = answers.try_send(other);
                         }
                     }
@@ -243,12 +284,46 @@ impl PlayedChild {
         &self.key
     }
 
+    /// Starts keeping a [`Timeline`] of every case offered or asked about from now on.
+    pub fn keep_timelines(&self) {
+        self.timelines.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(BTreeMap::new);
+    }
+
+    /// The timeline of `case_id`, if timelines are kept and the case was seen.
+    pub fn timeline(&self, case_id: &CaseId) -> Option<Timeline> {
+        self.timelines.lock().unwrap_or_else(|p| p.into_inner()).as_ref()?.get(case_id).copied()
+    }
+
+    /// Offers a case until its custody receipt arrives, as a real village re-offers
+    /// (custody transfer is idempotent): each offer waits at most `receipt_timeout`,
+    /// and at most `tries_max` offers are made in all. Returns the time from the
+    /// first offer to the receipt (`None` if none came) and the number of re-offers.
+    pub async fn offer_with_retries(
+        &self,
+        offer: CaseOffer,
+        receipt_timeout: Duration,
+        tries_max: u32,
+    ) -> (Option<Duration>, u64) {
+        let first = Instant::now();
+        let mut retries = 0;
+        for attempt in 0..tries_max.max(1) {
+            if attempt > 0 {
+                retries += 1;
+            }
+            if self.offer_until_receipt(offer.clone(), receipt_timeout).await.is_some() {
+                return (Some(first.elapsed()), retries);
+            }
+        }
+        (None, retries)
+    }
+
     /// Offers a case and waits for its custody receipt; returns the time it took.
     pub async fn offer_until_receipt(&self, offer: CaseOffer, timeout: Duration) -> Option<Duration> {
         let case_id = offer.manifest.open::<CaseManifest>(content_type::MANIFEST).ok()?.body.case_id;
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(case_id, tx);
         let start = Instant::now();
+        stamp(&self.timelines, case_id, |tl| tl.offered = Some(start));
         self.send(&Message::CaseOffer(offer)).await.ok()?;
         let at = tokio::time::timeout(timeout, rx).await.ok()?.ok()?;
         Some(at - start)

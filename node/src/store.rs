@@ -15,8 +15,9 @@
 //!   that took custody of them, until their files are durable (ADR 0010,
 //!   [`Write::Blob`], [`Write::ForgetBlob`]).
 //!
-//! WAL checkpoints run on a connection of their own in the background, so no commit
-//! pays for one (a safety-valve autocheckpoint stays at a high page count).
+//! WAL checkpoints run on a connection of their own in the background, right after a
+//! commit (in the gap before the next) or on a timer when idle, so no commit pays
+//! for one (a safety-valve autocheckpoint stays at a high page count).
 //!
 //! Durability contract: [`SqliteStore::apply`] returns only after its transaction
 //! committed with `synchronous=FULL`, so the driver may act on the core's later
@@ -225,24 +226,38 @@ struct Writer {
     /// FIFO: writes commit in the order they were called.
     order: tokio::sync::Mutex<()>,
     key: SigningKey,
+    /// Woken after each group commit: the checkpointer runs in the gap after one.
+    committed: Arc<tokio::sync::Notify>,
     /// The background checkpointer: dropping the sender stops it.
     checkpointer: std::sync::Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
-/// How often the background checkpointer copies committed WAL pages into the
-/// database file (`PRAGMA wal_checkpoint(PASSIVE)` on a connection of its own), so
-/// that no commit pays for a checkpoint: with attachments journaled in the store
-/// (ADR 0010) the WAL passes SQLite's default 1000 pages every few dozen cases, and
-/// the commit that crossed it would copy and fsync megabytes before returning.
+/// How often, at the longest, the background checkpointer copies committed WAL
+/// pages into the database file (`PRAGMA wal_checkpoint(PASSIVE)` on a connection
+/// of its own), so that no commit pays for a checkpoint: with attachments journaled
+/// in the store (ADR 0010) the WAL passes SQLite's default 1000 pages every few
+/// dozen cases, and the commit that crossed it would copy and fsync megabytes
+/// before returning.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// While commits come, the checkpointer runs right after one (woken by it), at most
+/// this often: in the gap before the next commit, with ~1 MB to copy and flush
+/// instead of the ~20 MB that half a second of 120 KB cases leaves. A timed
+/// checkpoint every 500 ms landed on a custody commit's own flush and was most of
+/// the per-hop p99 (issue #4; docs/benchmarks.md).
+const CHECKPOINT_AFTER_COMMIT_MIN: Duration = Duration::from_millis(25);
 /// WAL pages after which the writer checkpoints by itself after a commit: a safety
 /// valve should the background checkpointer fall behind.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 16_384;
 
-/// Checkpoints the WAL every [`CHECKPOINT_INTERVAL`] until `stop` fires or its
-/// sender is dropped. Failures are logged and tried again: a checkpoint only moves
+/// Checkpoints the WAL after a commit (at most every [`CHECKPOINT_AFTER_COMMIT_MIN`])
+/// or after [`CHECKPOINT_INTERVAL`] without one, until `stop` fires or its sender is
+/// dropped. Failures are logged and tried again: a checkpoint only moves
 /// committed pages, so a missed one costs WAL size, never data.
-async fn checkpointer(options: SqliteConnectOptions, mut stop: tokio::sync::oneshot::Receiver<()>) {
+async fn checkpointer(
+    options: SqliteConnectOptions,
+    committed: Arc<tokio::sync::Notify>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     use sqlx::ConnectOptions;
     let mut conn = match options.connect().await {
         Ok(conn) => conn,
@@ -251,11 +266,18 @@ async fn checkpointer(options: SqliteConnectOptions, mut stop: tokio::sync::ones
             return;
         }
     };
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            _ = committed.notified() => {
+                if last.elapsed() < CHECKPOINT_AFTER_COMMIT_MIN {
+                    continue;
+                }
+            }
             _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
         }
+        last = tokio::time::Instant::now();
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
             tracing::debug!("WAL checkpoint: {e}");
         }
@@ -508,14 +530,17 @@ impl SqliteStore {
         migrate(&write_pool).await?;
         let read = read_pool(path).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
+        let committed = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(checkpointer(
             base_options(path).journal_mode(SqliteJournalMode::Wal).synchronous(SqliteSynchronous::Full),
+            committed.clone(),
             stopped,
         ));
         let writer = Writer {
             pool: write_pool,
             order: tokio::sync::Mutex::new(()),
             key: audit_key,
+            committed,
             checkpointer: std::sync::Mutex::new(Some((stop, task))),
         };
         let store = SqliteStore { inner: Arc::new(Inner { path: path.to_owned(), read, write: Some(writer) }) };
@@ -624,6 +649,9 @@ impl SqliteStore {
             tx.commit().await.map_err(StoreError::db(OP))
         }
         .await;
+        if result.is_ok() {
+            writer.committed.notify_one();
+        }
         Writer::finish(conn, result)
     }
 

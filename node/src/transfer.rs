@@ -249,8 +249,14 @@ pub async fn fetch_to_memory(
         )));
     }
     let mut bytes = Vec::with_capacity(size as usize);
-    receive(conn, Sink::Memory(hash, &mut bytes), case_id, size, limits).await?;
-    let actual = ContentHash::of(&bytes);
+    let mut first_chunk = None;
+    receive(conn, Sink::Memory { hash, bytes: &mut bytes, first_chunk: &mut first_chunk }, case_id, size, limits)
+        .await?;
+    // One chunk is the whole file: its checked hash is the file's.
+    let actual = match first_chunk {
+        Some(chunk_hash) if bytes.len() as u64 == size && size <= u64::from(limits.chunk_len) => chunk_hash,
+        _ => ContentHash::of(&bytes),
+    };
     if actual != hash {
         return Err(TransferError::FileHashMismatch { hash, actual });
     }
@@ -265,28 +271,34 @@ pub const JOURNAL_BLOB_LEN_MAX: u64 = 1024 * 1024;
 /// Where [`receive`] puts checked chunks.
 enum Sink<'a> {
     File(&'a mut PartialWriter),
-    Memory(ContentHash, &'a mut Vec<u8>),
+    /// Chunks appended to `bytes`; `first_chunk` is the checked hash of the first.
+    Memory {
+        hash: ContentHash,
+        bytes: &'a mut Vec<u8>,
+        first_chunk: &'a mut Option<ContentHash>,
+    },
 }
 
 impl Sink<'_> {
     fn hash(&self) -> ContentHash {
         match self {
             Sink::File(w) => w.hash(),
-            Sink::Memory(hash, _) => *hash,
+            Sink::Memory { hash, .. } => *hash,
         }
     }
 
     fn len(&self) -> u64 {
         match self {
             Sink::File(w) => w.len(),
-            Sink::Memory(_, bytes) => bytes.len() as u64,
+            Sink::Memory { bytes, .. } => bytes.len() as u64,
         }
     }
 
     async fn put(&mut self, offset: u64, data: Vec<u8>, chunk_hash: ContentHash) -> Result<(), TransferError> {
         match self {
             Sink::File(w) => Ok(w.append_verified(offset, data, chunk_hash).await?),
-            Sink::Memory(_, bytes) => {
+            Sink::Memory { bytes, first_chunk, .. } => {
+                first_chunk.get_or_insert(chunk_hash);
                 bytes.extend_from_slice(&data);
                 Ok(())
             }
@@ -800,6 +812,28 @@ mod tests {
         assert!(!village.contains(&att.hash));
         assert!(!village.path_of(&att.hash).exists());
         assert_eq!(village.partial_len(&att.hash).await, 0, "bad bytes are deleted");
+    }
+
+    /// The in-memory fetch (small attachments, ADR 0010) checks the whole file too:
+    /// for one chunk through the chunk's own checked hash, for several by hashing
+    /// them all. A sender that lies consistently (bytes and chunk hash agree, the
+    /// file hash does not) is refused either way, and an honest one gives the bytes.
+    #[tokio::test]
+    async fn fetch_to_memory_checks_the_whole_file_with_one_chunk_or_many() {
+        let fed = federation();
+        let chunk = 64 * KIB;
+        for (what, len) in [("one chunk", chunk - 17), ("one full chunk", chunk), ("four chunks", 4 * chunk - 5)] {
+            let (_c, county, bytes, att) = county_with(len, Priority::Urgent).await;
+            let liar = serve(&fed, &county, Behaviour::ConsistentLie { offset: 0 });
+            let conn = connect(&fed, liar.addr).await;
+            let err = fetch_to_memory(&conn, CASE, &att, &limits(chunk)).await.unwrap_err();
+            assert!(matches!(err, TransferError::FileHashMismatch { hash, .. } if hash == att.hash), "{what}: {err}");
+
+            let honest = serve(&fed, &county, Behaviour::Honest);
+            let conn = connect(&fed, honest.addr).await;
+            let got = fetch_to_memory(&conn, CASE, &att, &limits(chunk)).await.unwrap();
+            assert!(got == bytes, "{what}: the bytes fetched differ from the source");
+        }
     }
 
     #[tokio::test]

@@ -456,6 +456,30 @@ mod tests {
         }
     }
 
+    /// Regression (fuzz/readers, out-of-memory in CI): a mutation turned the VR
+    /// of an annotation's (0040,A180) US element into "QS". The structure walk took
+    /// any two capitals as a short VR; the parser reads an unknown VR as UN, whose
+    /// length is four bytes further on, and asked for a 4 GiB buffer. An unknown VR
+    /// is now refused by the walk, before the parser runs. (The input is kept as
+    /// fuzz/corpus/readers/regression-oom-unknown-vr.dcm.)
+    #[test]
+    fn an_unknown_vr_is_refused_before_the_parser_allocates_its_misread_length() {
+        let found =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus/readers/regression-oom-unknown-vr.dcm"))
+                .unwrap();
+        let mut made = testdata("waveform_ecg.dcm");
+        let at = made.windows(6).position(|w| w == [0x40, 0x00, 0x80, 0xA1, b'U', b'S']).unwrap();
+        made[at + 4] = b'Q';
+        for (what, bytes) in [("fuzz input", found), ("waveform_ecg.dcm with one VR changed", made)] {
+            match read_dicom_ecg(&bytes) {
+                Err(ReadError::Malformed { why, .. }) => {
+                    assert!(why.contains("invalid VR \"QS\""), "{what}: {why}")
+                }
+                other => panic!("{what}: expected a malformed-structure error, got {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn lead_codes_map_to_standard_names() {
         assert_eq!(lead_from_code("5.6.3-9-61"), Some("III"));
