@@ -620,10 +620,11 @@ impl SqliteStore {
         let (_order, mut conn) = writer.session(OP).await?;
         let result = async {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+            let mut tail = AuditTail::default();
             for (write, bytes) in writes.iter().zip(&encoded) {
                 match (write, bytes) {
                     (Write::Change(Change::PutCase(record)), Some(bytes)) => {
-                        put_case_tx(&mut tx, &writer.key, record, bytes).await?
+                        put_case_tx(&mut tx, &writer.key, record, bytes, &mut tail).await?
                     }
                     (Write::Blob { hash, bytes }, _) => {
                         sqlx::query(sql::JOURNAL_BLOB)
@@ -642,7 +643,7 @@ impl SqliteStore {
                     }
                     _ => {
                         let entry = write.entry().expect("an audit write");
-                        append_audit(&mut tx, &writer.key, &entry).await?;
+                        tail.append(&mut tx, &writer.key, &entry).await?;
                     }
                 }
             }
@@ -937,7 +938,7 @@ async fn put_case_in(
     bytes: &[u8],
 ) -> Result<(), StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db("store a case"))?;
-    put_case_tx(&mut tx, key, record, bytes).await?;
+    put_case_tx(&mut tx, key, record, bytes, &mut AuditTail::default()).await?;
     tx.commit().await.map_err(StoreError::db("commit a case"))?;
     Ok(())
 }
@@ -970,6 +971,7 @@ async fn put_case_tx(
     key: &SigningKey,
     record: &CaseRecord,
     bytes: &[u8],
+    tail: &mut AuditTail,
 ) -> Result<(), StoreError> {
     const OP: &str = "store a case";
     let id = record.info.case_id.to_string();
@@ -1006,7 +1008,7 @@ async fn put_case_tx(
         peer: peer.as_ref().map(NodeName::as_str),
         detail: &detail,
     };
-    append_audit(tx, key, &entry).await?;
+    tail.append(tx, key, &entry).await?;
     Ok(())
 }
 
@@ -1570,7 +1572,7 @@ fn seal_audit(
     last: Option<(i64, Vec<u8>)>,
     key: &SigningKey,
     entry: &AuditEntry<'_>,
-) -> Result<(u64, Vec<SqlValue>), StoreError> {
+) -> Result<(u64, (i64, Vec<u8>), Vec<SqlValue>), StoreError> {
     let kind = bounded(entry.kind, AUDIT_KIND_LEN_MAX);
     let detail = bounded(entry.detail, AUDIT_DETAIL_LEN_MAX);
     let entry = AuditEntry {
@@ -1594,6 +1596,7 @@ fn seal_audit(
     let signer = PublicKey(key.verifying_key().to_bytes());
     let hash = audit_hash(seq, &entry, &prev_hash, &signer);
     let signature = key.sign(&hash.0);
+    let sealed = (i64::try_from(seq).unwrap_or(i64::MAX), hash.0.to_vec());
     let values = vec![
         SqlValue::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
         SqlValue::Int(sql_millis(entry.at)),
@@ -1606,7 +1609,7 @@ fn seal_audit(
         SqlValue::Bytes(signer.0.to_vec()),
         SqlValue::Bytes(signature.to_bytes().to_vec()),
     ];
-    Ok((seq, values))
+    Ok((seq, sealed, values))
 }
 
 /// The stored `(seq, hash)` of the last audit record, from a row of [`sql::AUDIT_LAST`].
@@ -1619,11 +1622,39 @@ fn last_audit(row: Option<&impl StoreRow>) -> Result<Option<(i64, Vec<u8>)>, Sto
 /// Appends one audit record inside the caller's `BEGIN IMMEDIATE` transaction (so
 /// the previous hash read here cannot change before the insert commits).
 async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
-    const OP: &str = "append to the audit log";
-    let last = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
-    let (seq, values) = seal_audit(last_audit(last.as_ref())?, key, entry)?;
-    bind_values(sqlx::query(sql::AUDIT_INSERT), values).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-    Ok(seq)
+    AuditTail::default().append(tx, key, entry).await
+}
+
+/// The last audit record's `(seq, hash)` as one transaction sees it: read with
+/// [`sql::AUDIT_LAST`] at the transaction's first append, then carried from append
+/// to append. Sound only inside one `BEGIN IMMEDIATE` transaction, which holds
+/// SQLite's write lock, so no other writer (another handle, another process) can
+/// append in between; a failed transaction rolls back and its tail is dropped. A
+/// group commit appends ~5 records, and each saved read is a round trip to sqlx's
+/// worker thread on the custody path (issue #4).
+#[derive(Default)]
+struct AuditTail(Option<Option<(i64, Vec<u8>)>>);
+
+impl AuditTail {
+    async fn append(
+        &mut self,
+        tx: &mut SqliteConnection,
+        key: &SigningKey,
+        entry: &AuditEntry<'_>,
+    ) -> Result<u64, StoreError> {
+        const OP: &str = "append to the audit log";
+        let last = match self.0.take() {
+            Some(last) => last,
+            None => {
+                let row = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
+                last_audit(row.as_ref())?
+            }
+        };
+        let (seq, sealed, values) = seal_audit(last, key, entry)?;
+        bind_values(sqlx::query(sql::AUDIT_INSERT), values).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+        self.0 = Some(Some(sealed));
+        Ok(seq)
+    }
 }
 
 #[cfg(test)]

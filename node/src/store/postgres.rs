@@ -414,7 +414,7 @@ async fn locked<'c>(
 async fn append_audit(tx: &mut PgConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
     const OP: &str = "append to the audit log";
     let last = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
-    let (seq, values) = seal_audit(last_audit(last.as_ref())?, key, entry)?;
+    let (seq, _, values) = seal_audit(last_audit(last.as_ref())?, key, entry)?;
     bind_values(sqlx::query(sql::AUDIT_INSERT), values).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
     Ok(seq)
 }
