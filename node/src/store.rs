@@ -1572,7 +1572,7 @@ fn seal_audit(
     last: Option<(i64, Vec<u8>)>,
     key: &SigningKey,
     entry: &AuditEntry<'_>,
-) -> Result<(u64, (i64, Vec<u8>), Vec<SqlValue>), StoreError> {
+) -> Result<(u64, AuditHead, Vec<SqlValue>), StoreError> {
     let kind = bounded(entry.kind, AUDIT_KIND_LEN_MAX);
     let detail = bounded(entry.detail, AUDIT_DETAIL_LEN_MAX);
     let entry = AuditEntry {
@@ -1633,7 +1633,10 @@ async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &Audit
 /// group commit appends ~5 records, and each saved read is a round trip to sqlx's
 /// worker thread on the custody path (issue #4).
 #[derive(Default)]
-struct AuditTail(Option<Option<(i64, Vec<u8>)>>);
+struct AuditTail(Option<Option<AuditHead>>);
+
+/// An audit record's stored `(seq, hash)`.
+type AuditHead = (i64, Vec<u8>);
 
 impl AuditTail {
     async fn append(
