@@ -44,6 +44,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// "p50 …, p99 …, max …" of a sorted, non-empty list, in ms.
+fn spread(sorted: &[Duration]) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(percentile(sorted, 0.5)),
+        ms(percentile(sorted, 0.99)),
+        ms(sorted[sorted.len() - 1])
+    )
+}
+
 fn vm_hwm_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -244,13 +255,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     lat.sort();
-    println!(
-        "per-hop time to custody, 120 KB ECG case, open link, n={}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        lat.len(),
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3,
-        lat.last().unwrap().as_secs_f64() * 1e3
-    );
+    println!("per-hop time to custody, 120 KB ECG case, open link, n={}: {}", lat.len(), spread(&lat));
 
     // Where the time went, as the village saw it.
     let timelines: Vec<_> = ids.iter().filter_map(|id| v.timeline(id)).collect();
@@ -261,13 +266,7 @@ async fn main() -> anyhow::Result<()> {
             timelines.iter().filter_map(|t| Some(to(t)?.saturating_duration_since(from(t)?))).collect();
         d.sort();
         if !d.is_empty() {
-            println!(
-                "  {name:<44} n={:>3}  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>6.2} ms",
-                d.len(),
-                percentile(&d, 0.5).as_secs_f64() * 1e3,
-                percentile(&d, 0.99).as_secs_f64() * 1e3,
-                d.last().unwrap().as_secs_f64() * 1e3
-            );
+            println!("  {name:<44} n={:>3}  {}", d.len(), spread(&d));
         }
     };
     split("offer sent -> first chunk request", |t| t.offered, |t| t.first_request);

@@ -93,6 +93,19 @@ async fn nothing_is_written_after_shutdown_returns_and_the_cut_fetch_resumes_aft
     county.shutdown().await.unwrap();
 }
 
+/// A county node started from a fresh plan in `dir`, and one played village linked to it.
+async fn county_with_a_village(dir: &Path) -> (node::config::Config, node::daemon::Running, PlayedChild) {
+    let configs = node::demo::provision(dir, &county_plan(1)).unwrap();
+    let county = node::daemon::start(configs[0].clone()).await.unwrap();
+    let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root).unwrap()).unwrap());
+    let creds = NodeCredentials::load(&configs[1].tls.chain, &configs[1].tls.key).unwrap();
+    let child =
+        PlayedChild::connect(&creds, configs[1].name.as_str().into(), Tier::Village, trust, COUNTY.into(), county.addr)
+            .await
+            .unwrap();
+    (configs[0].clone(), county, child)
+}
+
 /// A small attachment is journaled in the store with the custody commit and its file
 /// written without fsync (ADR 0010). After a power cut that lost the file's data
 /// (played here: the journal row kept, the file cut short), the restarted node
@@ -100,15 +113,7 @@ async fn nothing_is_written_after_shutdown_returns_and_the_cut_fetch_resumes_aft
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_attachment_lost_from_its_file_is_restored_from_the_journal_on_start() {
     let dir = tempfile::tempdir().unwrap();
-    let configs = node::demo::provision(dir.path(), &county_plan(1)).unwrap();
-    let county_config = configs[0].clone();
-    let county = node::daemon::start(county_config.clone()).await.unwrap();
-    let trust = Arc::new(TrustStore::from_root_pem(&std::fs::read_to_string(&configs[0].tls.root).unwrap()).unwrap());
-    let creds = NodeCredentials::load(&configs[1].tls.chain, &configs[1].tls.key).unwrap();
-    let child =
-        PlayedChild::connect(&creds, configs[1].name.as_str().into(), Tier::Village, trust, COUNTY.into(), county.addr)
-            .await
-            .unwrap();
+    let (county_config, county, child) = county_with_a_village(dir.path()).await;
     let bytes: Vec<u8> = (0..120 * 1024).map(|i| (i * 7 % 251) as u8).collect();
     let hash = ContentHash::of(&bytes);
     let offer = child.make_offer(CaseId(rand::random()), Modality::Ecg, Urgency::Stat, Arc::new(bytes.clone()));
@@ -146,4 +151,34 @@ async fn a_small_attachment_lost_from_its_file_is_restored_from_the_journal_on_s
     let store = node::store::Store::open_read_only(&county_config.store_location()).await.unwrap();
     assert!(store.journaled_blobs(10).await.unwrap().is_empty(), "and dropped from the journal");
     store.close().await;
+}
+
+/// The journal rows of small attachments are dropped while the node runs, once
+/// their files are durable: a few with each later commit, and, when nothing else
+/// commits, by commits of their own (`JOURNAL_FORGET_IDLE`). Ten cases and then
+/// silence: every row must go without any further case or a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_rows_are_dropped_while_the_node_runs_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (county_config, county, child) = county_with_a_village(dir.path()).await;
+    const CASES: usize = 10;
+    const _: () = assert!(CASES > node::daemon::JOURNAL_FORGETS_PER_COMMIT, "more rows than one idle commit drops");
+    for i in 0..CASES {
+        let bytes: Vec<u8> = (0..64 * 1024).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+        let offer = child.make_offer(CaseId(rand::random()), Modality::Ecg, Urgency::Stat, Arc::new(bytes));
+        assert!(child.offer_until_receipt(offer, Duration::from_secs(30)).await.is_some(), "no receipt for case {i}");
+    }
+    let store = node::store::Store::open_read_only(&county_config.store_location()).await.unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = store.journaled_blobs(100).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < end, "{} journal rows still there 20 s after the last case", left.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.close().await;
+    drop(child);
+    county.shutdown().await.unwrap();
 }
