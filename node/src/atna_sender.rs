@@ -376,7 +376,7 @@ impl Sender {
         let msg = atna::syslog_message_as(record, &self.parts.node, self.parts.config.facility);
         match conn {
             Conn::Tls { write, .. } => atna::write_frame(write, &self.parts.config.address, &msg).await?,
-            Conn::Udp(udp) => udp.send_bytes(&msg)?,
+            Conn::Udp(udp) => udp.send_bytes(&msg).await?,
         }
         self.unconfirmed.push_back((record.seq, Instant::now()));
         Ok(())

@@ -27,6 +27,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 missing=()
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v xmllint >/dev/null 2>&1 || missing+=(libxml2-utils)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -30,6 +30,11 @@ enum AuditAction {
         /// repository as syslog over UDP (RFC 5424 / RFC 5426), e.g. 127.0.0.1:514.
         #[arg(long)]
         syslog_udp: Option<std::net::SocketAddr>,
+        /// With `--syslog-udp`: datagrams per second after a first burst of 16 (UDP
+        /// has no congestion control; a repository drops what it cannot read in time).
+        #[arg(long, default_value_t = node::atna::UDP_DATAGRAMS_PER_SECOND, requires = "syslog_udp",
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        syslog_udp_rate: u32,
         /// With `--format atna`: also send each message to this audit record
         /// repository (`host:port`) as syslog over TLS (RFC 5425, octet-counted
         /// frames, TLS 1.2+), presenting the node's certificate as the client
@@ -289,7 +294,16 @@ async fn main() -> anyhow::Result<()> {
             let _ = std::fs::remove_file(&socket);
         }
         Command::Audit {
-            action: AuditAction::Export { config, format, syslog_udp, syslog_tls, syslog_ca, syslog_server_name },
+            action:
+                AuditAction::Export {
+                    config,
+                    format,
+                    syslog_udp,
+                    syslog_udp_rate,
+                    syslog_tls,
+                    syslog_ca,
+                    syslog_server_name,
+                },
         } => {
             if format != "fhir" && format != "atna" {
                 bail!("unknown export format `{format}` (supported: fhir, atna)");
@@ -297,7 +311,8 @@ async fn main() -> anyhow::Result<()> {
             if (syslog_udp.is_some() || syslog_tls.is_some()) && format != "atna" {
                 bail!("--syslog-udp and --syslog-tls send ATNA messages: use them with --format atna");
             }
-            let syslog = syslog_udp.map(node::atna::SyslogUdp::new).transpose()?;
+            let mut syslog =
+                syslog_udp.map(|addr| node::atna::SyslogUdp::with_rate(addr, syslog_udp_rate)).transpose()?;
             let loaded = Config::load(&config)?;
             let mut tls = match &syslog_tls {
                 Some(addr) => {
@@ -332,8 +347,8 @@ async fn main() -> anyhow::Result<()> {
                     use std::io::Write;
                     if format == "atna" {
                         writeln!(out, "{}", node::atna::audit_message(record, &node_name))?;
-                        if let Some(syslog) = &syslog {
-                            syslog.send(record, &node_name)?;
+                        if let Some(syslog) = &mut syslog {
+                            syslog.send(record, &node_name).await?;
                         }
                         if let Some((addr, stream)) = &mut tls {
                             node::atna::send_tls(stream, addr, &node::atna::syslog_message(record, &node_name)).await?;

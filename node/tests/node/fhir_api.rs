@@ -228,7 +228,11 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
     receiver.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     let syslog_addr = receiver.local_addr().unwrap();
     // Received while the export runs: a loopback socket's default buffer (208 KiB)
-    // holds only about fifty of these datagrams.
+    // holds only about fifty of these datagrams, and a receiver thread on a busy
+    // 2-core machine can stall for tens of milliseconds (a CI run lost one of 68
+    // sent back to back). The sender paces datagrams (RFC 5426 §3.6); at the 200 a
+    // second the test asks for, the receiver may stall for about 170 ms (34
+    // datagrams past the burst of 16) before the buffer drops one.
     let received = std::thread::spawn(move || {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 70_000];
@@ -239,7 +243,7 @@ async fn fhir_resources_served_by_a_hub_validate_against_fhir_r4() {
         got
     });
     let export = std::process::Command::new(env!("CARGO_BIN_EXE_telemed-node"))
-        .args(["audit", "export", "--format", "atna", "--syslog-udp"])
+        .args(["audit", "export", "--format", "atna", "--syslog-udp-rate", "200", "--syslog-udp"])
         .arg(syslog_addr.to_string())
         .arg("--config")
         .arg(&config_file)
