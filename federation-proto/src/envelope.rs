@@ -38,7 +38,7 @@ pub mod content_type {
 ///
 /// The bytes never change once wrapped, so clones share them (a case's manifest,
 /// trail and findings are held by every node on its path and sent in every offer
-/// and report delivery) and the SHA-256 [`Self::hash`] is computed at most once per
+/// and report delivery) and the content hash [`Self::hash`] is computed at most once per
 /// envelope, whichever clone asks first. On the wire it is a CBOR byte string.
 #[derive(Clone)]
 pub struct SignedEnvelope(Arc<EnvelopeBytes>);
@@ -195,7 +195,7 @@ impl SignedEnvelope {
         &self.0.bytes
     }
 
-    /// SHA-256 of the exact envelope bytes (computed once, shared by all clones).
+    /// The content hash (BLAKE3) of the exact envelope bytes (computed once, shared by all clones).
     pub fn hash(&self) -> ContentHash {
         *self.0.hash.get_or_init(|| ContentHash::of(&self.0.bytes))
     }

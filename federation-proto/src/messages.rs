@@ -140,7 +140,7 @@ pub enum Priority {
     Bulk,
 }
 
-/// One file of a case, addressed by the SHA-256 of its bytes.
+/// One file of a case, addressed by the content hash (BLAKE3) of its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentRef {
     pub hash: ContentHash,

@@ -180,14 +180,36 @@ impl std::str::FromStr for CaseId {
     }
 }
 
-/// SHA-256 of some bytes: attachments are addressed by it.
+/// The federation's content hash: BLAKE3 (256-bit output) of some bytes.
+/// Attachments are addressed by it, chunks are checked with it, and a signed
+/// envelope is identified by it. BLAKE3 rather than SHA-256 because a node hashes
+/// every attachment byte twice on receipt (each chunk, then the whole file) and
+/// BLAKE3 is about four times faster here (ADR 0012).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ContentHash(#[serde(with = "serde_bytes")] pub [u8; 32]);
 
 impl ContentHash {
     pub fn of(bytes: &[u8]) -> ContentHash {
-        use sha2::Digest;
-        ContentHash(sha2::Sha256::digest(bytes).into())
+        ContentHash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+/// The content hash of bytes that arrive in pieces: `update` with each piece in
+/// order, then `finalize` gives what [`ContentHash::of`] gives for all of them.
+#[derive(Debug, Clone, Default)]
+pub struct ContentHasher(blake3::Hasher);
+
+impl ContentHasher {
+    pub fn new() -> ContentHasher {
+        ContentHasher::default()
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finalize(&self) -> ContentHash {
+        ContentHash(*self.0.finalize().as_bytes())
     }
 }
 
@@ -199,7 +221,7 @@ impl fmt::Display for ContentHash {
 
 impl fmt::Debug for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{self}")
+        write!(f, "blake3:{self}")
     }
 }
 
@@ -207,7 +229,7 @@ impl std::str::FromStr for ContentHash {
     type Err = hex::FromHexError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s.strip_prefix("sha256:").unwrap_or(s), &mut out)?;
+        hex::decode_to_slice(s.strip_prefix("blake3:").unwrap_or(s), &mut out)?;
         Ok(ContentHash(out))
     }
 }
@@ -293,6 +315,30 @@ impl From<&str> for NodeName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_hash_is_blake3_and_a_hasher_fed_in_pieces_agrees_with_it() {
+        // BLAKE3's published values for "" and "abc" (the reference test vectors).
+        assert_eq!(
+            ContentHash::of(b"").to_string(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        assert_eq!(
+            ContentHash::of(b"abc").to_string(),
+            "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+        );
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for cut in [0, 1, 1024, 65_537, 262_144, 299_999] {
+            let mut h = ContentHasher::new();
+            h.update(&bytes[..cut]);
+            h.update(&bytes[cut..]);
+            assert_eq!(h.finalize(), ContentHash::of(&bytes), "cut at {cut}");
+        }
+        let hash = ContentHash::of(b"abc");
+        assert_eq!(format!("{hash:?}"), format!("blake3:{hash}"));
+        assert_eq!(format!("{hash:?}").parse::<ContentHash>().unwrap(), hash);
+        assert_eq!(hash.to_string().parse::<ContentHash>().unwrap(), hash);
+    }
 
     #[test]
     fn tiers_are_ordered_village_to_international() {

@@ -1,5 +1,5 @@
 //! The content-addressed blob directory: every attachment a node holds, stored once
-//! under the SHA-256 of its bytes.
+//! under the content hash (BLAKE3, ADR 0012) of its bytes.
 //!
 //! Layout under the data directory given to [`BlobStore::open`]:
 //!
@@ -38,9 +38,8 @@
 //! never touch the network.
 
 use crate::chunk_index::{ChunkHasher, ChunkIndexes, INDEX_CHUNK_LEN};
-use federation_proto::ContentHash;
 use federation_proto::codec::CHUNK_LEN_MAX;
-use sha2::{Digest, Sha256};
+use federation_proto::{ContentHash, ContentHasher};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -48,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
-/// Size of the buffer used to stream files through SHA-256 and into the store.
+/// Size of the buffer used to stream files through the content hash and into the store.
 pub const COPY_BUF_LEN: usize = 1024 * 1024;
 /// A [`PartialWriter`] starts a background `fdatasync` of its file each time this many
 /// bytes were written since the last one started (and that one has ended), so that
@@ -63,6 +62,12 @@ pub const WRITE_QUEUE_DEPTH: usize = 4;
 /// p99). With the pauses a commit waits behind one at most; a batch of
 /// [`crate::daemon::JOURNAL_SYNC_BATCH_MAX`] blobs takes at most ~0.5 s longer.
 pub const SYNC_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The first line of `FORMAT` in a blob directory: its objects are named by the
+/// BLAKE3 content hash. Directories written before ADR 0012 (SHA-256 names) have no
+/// such file, and a store that finds their objects refuses to open instead of
+/// serving files under names that no longer match their bytes.
+pub const BLOB_FORMAT: &str = "telemed-blobs 2 blake3";
 
 /// What can go wrong with the blob directory, grouped by cause.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,13 @@ pub enum BlobError {
     Incomplete { hash: ContentHash, have: u64, size: u64 },
 
     // --- local I/O ---------------------------------------------------------------------
+    /// The directory's `FORMAT` file is missing (with objects present) or names
+    /// another layout: its objects are not named by this version's content hash.
+    #[error(
+        "{}: {found}; this node names attachments by their BLAKE3 hash ({BLOB_FORMAT:?}, ADR 0012) and cannot read this blob directory: start from an empty data directory, or re-import its files",
+        path.display()
+    )]
+    Format { path: PathBuf, found: String },
     /// The disk (or the user's quota) is full. Received bytes are kept; the transfer
     /// resumes once space is freed.
     #[error(
@@ -138,11 +150,13 @@ struct Inner {
 
 impl BlobStore {
     /// Opens (creating if needed) the blob directory `dir`, with `dir/objects` and
-    /// `dir/partial` inside.
+    /// `dir/partial` inside. Refuses ([`BlobError::Format`]) a directory whose
+    /// `FORMAT` file names another layout, or that holds objects and no `FORMAT`.
     pub fn open(dir: &Path) -> Result<BlobStore, BlobError> {
         let objects = dir.join("objects");
         let partial = dir.join("partial");
         let chunks = dir.join("chunks");
+        Self::check_format(dir, &objects)?;
         for d in [&objects, &partial, &chunks] {
             fs::create_dir_all(d).map_err(BlobError::io("creating", d))?;
         }
@@ -155,6 +169,32 @@ impl BlobStore {
                 indexes: ChunkIndexes::new(chunks),
             }),
         })
+    }
+
+    fn check_format(dir: &Path, objects: &Path) -> Result<(), BlobError> {
+        let path = dir.join("FORMAT");
+        match fs::read_to_string(&path) {
+            Ok(text) => match text.lines().next() {
+                Some(BLOB_FORMAT) => Ok(()),
+                first => Err(BlobError::Format { path, found: format!("it says {:?}", first.unwrap_or("")) }),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let holds_objects = match fs::read_dir(objects) {
+                    Ok(mut entries) => entries.next().is_some(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                    Err(e) => return Err(BlobError::io("listing", objects)(e)),
+                };
+                if holds_objects {
+                    return Err(BlobError::Format {
+                        path,
+                        found: "missing, and objects/ holds files written before it existed (SHA-256 names)".into(),
+                    });
+                }
+                fs::create_dir_all(dir).map_err(BlobError::io("creating", dir))?;
+                fs::write(&path, format!("{BLOB_FORMAT}\n")).map_err(BlobError::io("writing", &path))
+            }
+            Err(e) => Err(BlobError::io("reading", &path)(e)),
+        }
     }
 
     /// Where the complete blob `hash` is (or would be) stored.
@@ -191,7 +231,7 @@ impl BlobStore {
         tokio::fs::metadata(self.partial_path(hash)).await.map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Imports a local file: streams it through SHA-256 into a temporary file, fsyncs
+    /// Imports a local file: streams it through the content hash into a temporary file, fsyncs
     /// it and renames it into place. Idempotent: importing the same content twice
     /// stores it once. Returns the hash and size.
     pub async fn import_file(&self, path: &Path) -> Result<(ContentHash, u64), BlobError> {
@@ -218,7 +258,7 @@ impl BlobStore {
         let tmp = self.inner.partial.join(format!("import-{:016x}.tmp", rand::random::<u64>()));
         let result = (|| {
             let mut out = File::create_new(&tmp).map_err(BlobError::io("creating", &tmp))?;
-            let mut hasher = Sha256::new();
+            let mut hasher = ContentHasher::new();
             let mut chunks = ChunkHasher::default();
             let mut buf = vec![0u8; COPY_BUF_LEN];
             let mut size = 0u64;
@@ -233,7 +273,7 @@ impl BlobStore {
                 size += n as u64;
             }
             out.sync_all().map_err(BlobError::io("syncing", &tmp))?;
-            let hash = ContentHash(hasher.finalize().into());
+            let hash = hasher.finalize();
             self.install(&tmp, &hash)?;
             self.inner.indexes.write(&hash, size, &chunks.finish());
             Ok((hash, size))
@@ -354,7 +394,7 @@ impl BlobStore {
         blocking(move || read_chunk_blocking(&path, hash, offset, len).map(|(_, data)| data)).await
     }
 
-    /// As [`BlobStore::read_chunk`], and also returns the blob's size and the SHA-256
+    /// As [`BlobStore::read_chunk`], and also returns the blob's size and the content hash
     /// of the chunk as the blob was stored, all in one trip to the blocking pool (what
     /// a sender needs): from the chunk index when the range is an indexed chunk,
     /// otherwise hashed here.
@@ -405,7 +445,7 @@ impl BlobStore {
     }
 
     /// Completes the incomplete blob `hash` of `size` bytes: streams it through
-    /// SHA-256; on a mismatch deletes it and returns [`BlobError::HashMismatch`];
+    /// the content hash; on a mismatch deletes it and returns [`BlobError::HashMismatch`];
     /// otherwise fsyncs it, renames it into `objects/` and fsyncs the directory.
     /// Idempotent once the object exists.
     pub async fn finish(&self, hash: &ContentHash, size: u64) -> Result<(), BlobError> {
@@ -448,7 +488,7 @@ impl BlobStore {
     }
 
     /// Opens the incomplete blob `hash` of `size` bytes for streaming appends with a
-    /// running whole-file SHA-256 (see [`PartialWriter`]). Bytes already received (a
+    /// running whole-file content hash (see [`PartialWriter`]). Bytes already received (a
     /// resumed transfer) are hashed once from disk, through one [`COPY_BUF_LEN`]
     /// buffer, before this returns; a partial file longer than `size` is emptied
     /// first. Holds the blob's write lock until the writer and its disk thread are
@@ -512,7 +552,7 @@ pub struct TransferLock {
 }
 
 /// Streams the chunks of one incomplete blob, in order, into its partial file while
-/// keeping the SHA-256 of the whole file so far, so that [`PartialWriter::finish`]
+/// keeping the content hash of the whole file so far, so that [`PartialWriter::finish`]
 /// needs no second read of the file. Made by [`BlobStore::partial_writer`].
 ///
 /// Hashing and writing run on a blocking thread fed through a queue of at most
@@ -568,7 +608,7 @@ impl PartialWriter {
         self.queue(offset, data).await
     }
 
-    /// [`PartialWriter::append`] of a chunk whose SHA-256 the caller has checked to be
+    /// [`PartialWriter::append`] of a chunk whose content hash the caller has checked to be
     /// `chunk_hash`: aligned whole chunks from offset 0 on are remembered, so that
     /// the finished blob gets its chunk index without hashing it again.
     pub async fn append_verified(
@@ -653,13 +693,13 @@ fn worker_gone(hash: &ContentHash) -> BlobError {
     }
 }
 
-/// The disk side of a [`PartialWriter`]: the open partial file, the SHA-256 of its
+/// The disk side of a [`PartialWriter`]: the open partial file, the content hash of its
 /// bytes so far, and the blob's write lock.
 #[derive(Debug)]
 struct WriterState {
     path: PathBuf,
     file: Arc<File>,
-    hasher: Sha256,
+    hasher: ContentHasher,
     /// Bytes in the file, all of them hashed.
     len: u64,
     sync: BackgroundSync,
@@ -684,7 +724,7 @@ impl WriterState {
         }
         // The running hash must cover what is on disk, not what we think we wrote
         // before a restart: re-hash the prefix once.
-        let mut hasher = Sha256::new();
+        let mut hasher = ContentHasher::new();
         let mut len = 0u64;
         if have > 0 {
             let mut buf = vec![0u8; COPY_BUF_LEN.min(have as usize)];
@@ -735,7 +775,7 @@ impl WriterState {
         if len != size {
             return Err(BlobError::Incomplete { hash, have: len, size });
         }
-        let actual = ContentHash(hasher.finalize().into());
+        let actual = hasher.finalize();
         if actual != hash {
             drop(file);
             fs::remove_file(&path).map_err(BlobError::io("removing", &path))?;
@@ -814,9 +854,9 @@ fn read_from(bytes: &[u8]) -> impl FnMut(&mut [u8]) -> Result<usize, BlobError> 
     }
 }
 
-/// SHA-256 of everything from the reader's position on, through a bounded buffer.
+/// The content hash of everything from the reader's position on, through a bounded buffer.
 fn hash_stream(reader: &mut impl Read) -> io::Result<ContentHash> {
-    let mut hasher = Sha256::new();
+    let mut hasher = ContentHasher::new();
     let mut buf = vec![0u8; COPY_BUF_LEN];
     loop {
         let n = match reader.read(&mut buf) {
@@ -827,7 +867,7 @@ fn hash_stream(reader: &mut impl Read) -> io::Result<ContentHash> {
         };
         hasher.update(&buf[..n]);
     }
-    Ok(ContentHash(hasher.finalize().into()))
+    Ok(hasher.finalize())
 }
 
 /// Reads a range of the object at `path`; returns the object's size and the bytes.
@@ -914,6 +954,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_directory_of_another_format_or_of_unmarked_objects_is_refused_and_left_alone() {
+        // A fresh directory gets the marker, and opens again.
+        let (dir, store) = store();
+        let (hash, _) = store.import_bytes(b"ecg").await.unwrap();
+        assert_eq!(fs::read_to_string(dir.path().join("FORMAT")).unwrap(), format!("{BLOB_FORMAT}\n"));
+        BlobStore::open(dir.path()).unwrap();
+
+        // Objects without the marker: written before BLAKE3 names (SHA-256).
+        fs::remove_file(dir.path().join("FORMAT")).unwrap();
+        let err = BlobStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, BlobError::Format { .. }), "{err}");
+        assert!(err.to_string().contains("SHA-256 names"), "{err}");
+        assert!(!dir.path().join("FORMAT").exists(), "a refused directory gets no marker");
+        assert!(store.path_of(&hash).is_file(), "and keeps its objects");
+
+        // A marker naming another layout.
+        fs::write(dir.path().join("FORMAT"), "telemed-blobs 3 something\n").unwrap();
+        let err = BlobStore::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("\"telemed-blobs 3 something\""), "{err}");
     }
 
     #[tokio::test]

@@ -1,10 +1,10 @@
-//! The chunk hash index of a complete blob: the SHA-256 of each of its
+//! The chunk hash index of a complete blob: the content hash (BLAKE3) of each of its
 //! [`CHUNK_LEN_MAX`]-aligned chunks, computed once when the blob is stored (imported,
 //! or received with every chunk verified) and kept beside it in
 //! `chunks/<blob hash hex>`, so that a sender answers chunk requests without hashing
 //! the bytes again.
 //!
-//! File format: the chunk hashes in order (32 bytes each), then a seal: SHA-256 over
+//! File format: the chunk hashes in order (32 bytes each), then a seal: BLAKE3 over
 //! a domain tag, the blob's hash and every chunk hash. An index whose length or seal
 //! does not match is ignored (the sender then hashes the chunk as it reads it), so a
 //! torn or damaged index can cost speed, never correctness; and because an index
@@ -17,9 +17,8 @@
 //! This module must never decide what is served to whom, and never let an unsealed
 //! index stand for a chunk's hash.
 
-use federation_proto::ContentHash;
 use federation_proto::codec::CHUNK_LEN_MAX;
-use sha2::{Digest, Sha256};
+use federation_proto::{ContentHash, ContentHasher};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,7 +31,9 @@ pub const INDEX_CHUNK_LEN: u64 = CHUNK_LEN_MAX as u64;
 pub const INDEX_BLOB_LEN_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Indexes kept in memory at most (the most recently loaded).
 pub const INDEX_CACHE_MAX: usize = 64;
-const SEAL_DOMAIN: &[u8] = b"telemed-chunk-index-v1\0";
+/// v2: chunk hashes are BLAKE3 (ADR 0012); a v1 index (SHA-256) fails its seal and
+/// is ignored.
+const SEAL_DOMAIN: &[u8] = b"telemed-chunk-index-v2\0";
 
 /// Chunks in a blob of `size` bytes.
 pub fn chunk_count(size: u64) -> u64 {
@@ -40,19 +41,19 @@ pub fn chunk_count(size: u64) -> u64 {
 }
 
 fn seal(blob: &ContentHash, hashes: &[ContentHash]) -> ContentHash {
-    let mut h = Sha256::new();
+    let mut h = ContentHasher::new();
     h.update(SEAL_DOMAIN);
-    h.update(blob.0);
+    h.update(&blob.0);
     for c in hashes {
-        h.update(c.0);
+        h.update(&c.0);
     }
-    ContentHash(h.finalize().into())
+    h.finalize()
 }
 
 /// Hashes aligned chunks as a blob's bytes stream past, from offset 0.
 #[derive(Debug, Default)]
 pub struct ChunkHasher {
-    current: Sha256,
+    current: ContentHasher,
     in_current: u64,
     hashes: Vec<ContentHash>,
 }
@@ -72,7 +73,7 @@ impl ChunkHasher {
 
     fn push(&mut self) {
         let done = std::mem::take(&mut self.current);
-        self.hashes.push(ContentHash(done.finalize().into()));
+        self.hashes.push(done.finalize());
         self.in_current = 0;
     }
 

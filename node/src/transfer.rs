@@ -8,9 +8,9 @@
 //! appended strictly in order. The sender answers each request with [`serve_chunk`].
 //!
 //! Two hash checks guard the store:
-//! - per chunk: a `ChunkResponse` whose `chunk_hash` is not the SHA-256 of its data,
+//! - per chunk: a `ChunkResponse` whose `chunk_hash` is not the content hash of its data,
 //!   or that is not exactly the range asked for, is never appended;
-//! - per file: a [`PartialWriter`] keeps the SHA-256 of the whole partial file while
+//! - per file: a [`PartialWriter`] keeps the content hash of the whole partial file while
 //!   appending (re-hashing the bytes already on disk once when a transfer resumes),
 //!   and a file that does not match the attachment's hash is deleted, never becomes
 //!   an object.
@@ -424,7 +424,7 @@ async fn request_chunk(
     Ok((data, actual))
 }
 
-/// SHA-256 of a chunk on the blocking pool, so hashing never stalls the link's tasks.
+/// The content hash of a chunk on the blocking pool, so hashing never stalls the link's tasks.
 async fn hash_off_thread(data: Vec<u8>) -> (Vec<u8>, ContentHash) {
     match tokio::task::spawn_blocking(move || {
         let h = ContentHash::of(&data);

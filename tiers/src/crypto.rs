@@ -103,7 +103,7 @@ impl Crypto for Ed25519Crypto {
 /// in place ([`SignedEnvelope::payload_range`]) without parsing or checking again.
 #[derive(Debug, Clone)]
 pub struct VerifiedEnvelopes {
-    /// Keys are SHA-256 values, so their leading bytes already are a good hash
+    /// Keys are BLAKE3 values, so their leading bytes already are a good hash
     /// (nothing here depends on an unseeded random source; the map is never iterated).
     seen: HashMap<ContentHash, (&'static str, PublicKey), BuildHasherDefault<DigestHasher>>,
     order: VecDeque<ContentHash>,
