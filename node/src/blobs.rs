@@ -329,9 +329,11 @@ impl BlobStore {
                 let _ = fs::remove_file(&tmp);
             }
             written?;
-            let mut chunks = ChunkHasher::default();
-            chunks.update(bytes);
-            store.inner.indexes.write(&hash, bytes.len() as u64, &chunks.finish());
+            if bytes.len() as u64 > INDEX_CHUNK_LEN {
+                let mut chunks = ChunkHasher::default();
+                chunks.update(bytes);
+                store.inner.indexes.write(&hash, bytes.len() as u64, &chunks.finish());
+            }
             Ok(())
         }
     }
@@ -1035,6 +1037,31 @@ mod tests {
         let (_, data, chunk_hash) = sender.read_chunk_hashed(&hash, 0, CHUNK_LEN_MAX).await.unwrap();
         assert_eq!(data, damaged[..INDEX_CHUNK_LEN as usize]);
         assert_eq!(chunk_hash, ContentHash::of(&bytes[..INDEX_CHUNK_LEN as usize]));
+        assert_ne!(chunk_hash, ContentHash::of(&data));
+    }
+
+    #[tokio::test]
+    async fn a_one_chunk_blob_keeps_no_index_file_and_its_chunk_hash_is_its_name() {
+        let (_d, store) = store();
+        let bytes = random_bytes(120_000);
+        let (hash, _) = store.import_bytes(&bytes).await.unwrap();
+        let journaled = ContentHash::of(b"a journaled ECG");
+        store.install_journaled(vec![(journaled, Arc::new(b"a journaled ECG".to_vec()))]).await.unwrap();
+        for h in [hash, journaled] {
+            assert!(!store.inner.indexes.path_of(&h).exists(), "no index file for a one-chunk blob");
+        }
+        let (_, data, chunk_hash) = store.read_chunk_hashed(&hash, 0, CHUNK_LEN_MAX).await.unwrap();
+        assert_eq!((data, chunk_hash), (bytes.clone(), hash));
+        // A part of it is hashed as read.
+        let (_, part, part_hash) = store.read_chunk_hashed(&hash, 0, 1000).await.unwrap();
+        assert_eq!(part_hash, ContentHash::of(&part));
+        // Damaged on disk: served with the name's hash, which the receiver's check refuses.
+        let mut damaged = bytes.clone();
+        damaged[5] ^= 0x10;
+        std::fs::write(store.path_of(&hash), &damaged).unwrap();
+        let (_, data, chunk_hash) = store.read_chunk_hashed(&hash, 0, CHUNK_LEN_MAX).await.unwrap();
+        assert_eq!(data, damaged);
+        assert_eq!(chunk_hash, hash);
         assert_ne!(chunk_hash, ContentHash::of(&data));
     }
 

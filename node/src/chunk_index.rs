@@ -104,9 +104,11 @@ impl ChunkIndexes {
 
     /// Writes the index of `blob` (`hashes`, one per chunk of a `size`-byte blob).
     /// Refuses (and writes nothing) if the count does not fit the size; failures
-    /// are logged, never fatal: the index is only a speed-up.
+    /// are logged, never fatal: the index is only a speed-up. A blob of one chunk
+    /// gets no file: its chunk's hash is its own name ([`ChunkIndexes::chunk_hash`]),
+    /// and a file per small blob cost an inode allocation on the custody path.
     pub fn write(&self, blob: &ContentHash, size: u64, hashes: &[ContentHash]) {
-        if hashes.len() as u64 != chunk_count(size) || size > INDEX_BLOB_LEN_MAX || size == 0 {
+        if hashes.len() as u64 != chunk_count(size) || size > INDEX_BLOB_LEN_MAX || size <= INDEX_CHUNK_LEN {
             return;
         }
         let mut bytes = Vec::with_capacity((hashes.len() + 1) * 32);
@@ -124,8 +126,13 @@ impl ChunkIndexes {
     }
 
     /// The hash of the aligned chunk `index` of `blob` (`size` bytes), if a sealed
-    /// index is kept for it.
+    /// index is kept for it, or if the blob is that one chunk: then it is the blob's
+    /// own hash, the name it is stored under once its bytes matched it (and, as with
+    /// an index, bytes damaged on disk since fail the receiver's check of it).
     pub fn chunk_hash(&self, blob: &ContentHash, size: u64, index: u64) -> Option<ContentHash> {
+        if size <= INDEX_CHUNK_LEN {
+            return (size > 0 && index == 0).then_some(*blob);
+        }
         let cached = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(blob).cloned();
         let hashes = match cached {
             Some(h) => h,

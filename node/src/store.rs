@@ -4,7 +4,7 @@
 //! - **cases**: the whole [`CaseRecord`] the core persists ([`Change::PutCase`],
 //!   ADR 0002), as CBOR, with index columns for listing ([`SqliteStore::summaries`]);
 //! - **derived rows** in `hops`, `findings`, `reports` and `receipts`: one row per
-//!   signed envelope in a record, keyed by the SHA-256 of its exact bytes, so that
+//!   signed envelope in a record, keyed by the content hash (BLAKE3) of its exact bytes, so that
 //!   `show CASE` and tools can query the trail without decoding records. They are an
 //!   index, never read back by the core: the record is the truth;
 //! - the **audit log**: append-only (SQLite triggers refuse `UPDATE` and `DELETE`),
@@ -621,12 +621,15 @@ impl SqliteStore {
         let result = async {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
             let mut tail = AuditTail::default();
+            let mut forgets = Vec::new();
             for (write, bytes) in writes.iter().zip(&encoded) {
                 match (write, bytes) {
                     (Write::Change(Change::PutCase(record)), Some(bytes)) => {
                         put_case_tx(&mut tx, &writer.key, record, bytes, &mut tail).await?
                     }
                     (Write::Blob { hash, bytes }, _) => {
+                        // A journal write lands after the drops queued before it.
+                        forget_blobs(&mut tx, &mut forgets).await?;
                         sqlx::query(sql::JOURNAL_BLOB)
                             .bind(hash.to_string())
                             .bind(&bytes[..])
@@ -634,19 +637,15 @@ impl SqliteStore {
                             .await
                             .map_err(StoreError::db("journal a blob"))?;
                     }
-                    (Write::ForgetBlob(hash), _) => {
-                        sqlx::query(sql::FORGET_BLOB)
-                            .bind(hash.to_string())
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(StoreError::db("forget a journaled blob"))?;
-                    }
+                    (Write::ForgetBlob(hash), _) => forgets.push(hash.to_string()),
                     _ => {
                         let entry = write.entry().expect("an audit write");
                         tail.append(&mut tx, &writer.key, &entry).await?;
                     }
                 }
             }
+            forget_blobs(&mut tx, &mut forgets).await?;
+            tail.flush(&mut tx).await?;
             tx.commit().await.map_err(StoreError::db(OP))
         }
         .await;
@@ -938,7 +937,9 @@ async fn put_case_in(
     bytes: &[u8],
 ) -> Result<(), StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db("store a case"))?;
-    put_case_tx(&mut tx, key, record, bytes, &mut AuditTail::default()).await?;
+    let mut tail = AuditTail::default();
+    put_case_tx(&mut tx, key, record, bytes, &mut tail).await?;
+    tail.flush(&mut tx).await?;
     tx.commit().await.map_err(StoreError::db("commit a case"))?;
     Ok(())
 }
@@ -975,16 +976,17 @@ async fn put_case_tx(
 ) -> Result<(), StoreError> {
     const OP: &str = "store a case";
     let id = record.info.case_id.to_string();
-    let stored = sqlx::query(sql::CASE_RECORD).bind(&id).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
-    if let Some(row) = stored
-        && row.try_get::<Vec<u8>, _>("record").is_ok_and(|old| old == *bytes)
-    {
-        return Ok(()); // already stored, byte for byte
-    }
-    bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, bytes))
+    // One statement, no read first: the upsert changes no row when the stored record
+    // is the same byte for byte (a duplicate delivery), and then nothing else is
+    // written either.
+    let changed = bind_values(sqlx::query(sql::CASE_UPSERT), case_values(record, &id, bytes))
         .execute(&mut *tx)
         .await
-        .map_err(StoreError::db(OP))?;
+        .map_err(StoreError::db(OP))?
+        .rows_affected();
+    if changed == 0 {
+        return Ok(()); // already stored, byte for byte
+    }
 
     let known = sqlx::query(sql::DERIVED_HASHES)
         .bind(&id)
@@ -1028,7 +1030,8 @@ mod sql {
          ON CONFLICT (case_id) DO UPDATE SET
              origin = excluded.origin, modality = excluded.modality, urgency = excluded.urgency,
              urgency_rank = excluded.urgency_rank, status = excluded.status, created_at = excluded.created_at,
-             deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, record = excluded.record";
+             deadline_at = excluded.deadline_at, updated_at = excluded.updated_at, record = excluded.record
+         WHERE cases.record IS DISTINCT FROM excluded.record";
     pub const SUMMARIES: &str = "SELECT c.case_id, c.origin, c.modality, c.urgency, c.status, c.created_at,
                 c.deadline_at, c.updated_at,
                 (SELECT r.node FROM reports r WHERE r.case_id = c.case_id
@@ -1051,6 +1054,27 @@ mod sql {
     pub const RECEIPT_INSERT: &str = "INSERT INTO receipts (envelope_hash, case_id, kind, signer, receiver,
                  from_node, subject_hash, at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (envelope_hash) DO NOTHING";
+    /// [`AUDIT_INSERT`] for `rows` records in one statement.
+    pub fn audit_insert(rows: usize) -> String {
+        let mut q = String::from(AUDIT_INSERT.split(" VALUES ").next().unwrap_or(AUDIT_INSERT));
+        q.push_str(" VALUES ");
+        for r in 0..rows {
+            let b = r * 10;
+            if r > 0 {
+                q.push_str(", ");
+            }
+            let params: Vec<String> = (1..=10).map(|i| format!("${}", b + i)).collect();
+            q.push('(');
+            q.push_str(&params.join(", "));
+            q.push(')');
+        }
+        q
+    }
+    /// Drops `n` blob journal rows by hash.
+    pub fn forget_blobs(n: usize) -> String {
+        let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+        format!("DELETE FROM blob_journal WHERE hash IN ({})", params.join(", "))
+    }
     pub const AUDIT_LAST: &str = "SELECT seq, hash, signer FROM audit ORDER BY seq DESC LIMIT 1";
     pub const AUDIT_INSERT: &str = "INSERT INTO audit (seq, at_ms, kind, case_id, peer, detail, prev_hash, hash,
                  signer, signature)
@@ -1622,18 +1646,66 @@ fn last_audit(row: Option<&impl StoreRow>) -> Result<Option<(i64, Vec<u8>)>, Sto
 /// Appends one audit record inside the caller's `BEGIN IMMEDIATE` transaction (so
 /// the previous hash read here cannot change before the insert commits).
 async fn append_audit(tx: &mut SqliteConnection, key: &SigningKey, entry: &AuditEntry<'_>) -> Result<u64, StoreError> {
-    AuditTail::default().append(tx, key, entry).await
+    let mut tail = AuditTail::default();
+    let seq = tail.append(tx, key, entry).await?;
+    tail.flush(tx).await?;
+    Ok(seq)
 }
+
+/// Drops the journal rows of `hashes` (and empties it) in one statement per
+/// [`FORGET_ROWS_MAX`], inside the caller's transaction.
+async fn forget_blobs(tx: &mut SqliteConnection, hashes: &mut Vec<String>) -> Result<(), StoreError> {
+    let mut rest = &hashes[..];
+    for n in statement_sizes(rest.len(), FORGET_ROWS_MAX) {
+        let (part, after) = rest.split_at(n);
+        rest = after;
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql::forget_blobs(n)));
+        for hash in part {
+            q = q.bind(hash.as_str());
+        }
+        q.execute(&mut *tx).await.map_err(StoreError::db("forget journaled blobs"))?;
+    }
+    hashes.clear();
+    Ok(())
+}
+
+/// Splits `n` rows into statements of power-of-two sizes up to `max` (largest
+/// first), so that a multi-row statement has a handful of shapes, not one per
+/// batch size: sqlx keeps each shape prepared in a bounded cache (100 statements).
+fn statement_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if n == 0 {
+            return None;
+        }
+        let size = 1usize << n.min(max).ilog2();
+        n -= size;
+        Some(size)
+    })
+}
+
+/// Journal rows dropped by one statement at most (bound parameters stay far below
+/// SQLite's limit of 32,766).
+const FORGET_ROWS_MAX: usize = 64;
+/// Audit records inserted by one statement at most (10 parameters each).
+const AUDIT_INSERT_ROWS_MAX: usize = 32;
 
 /// The last audit record's `(seq, hash)` as one transaction sees it: read with
 /// [`sql::AUDIT_LAST`] at the transaction's first append, then carried from append
-/// to append. Sound only inside one `BEGIN IMMEDIATE` transaction, which holds
-/// SQLite's write lock, so no other writer (another handle, another process) can
-/// append in between; a failed transaction rolls back and its tail is dropped. A
-/// group commit appends ~5 records, and each saved read is a round trip to sqlx's
-/// worker thread on the custody path (issue #4).
+/// to append; and the records sealed but not yet inserted. Sound only inside one
+/// `BEGIN IMMEDIATE` transaction, which holds SQLite's write lock, so no other
+/// writer (another handle, another process) can append in between; a failed
+/// transaction rolls back and its tail is dropped. A group commit appends ~5
+/// records, and each statement saved is a round trip to sqlx's worker thread on the
+/// custody path (issue #4): the records go in with one multi-row `INSERT` per
+/// [`AUDIT_INSERT_ROWS_MAX`].
+///
+/// The owner must call [`AuditTail::flush`] before it commits: records still
+/// pending when the tail is dropped are not written.
 #[derive(Default)]
-struct AuditTail(Option<Option<AuditHead>>);
+struct AuditTail {
+    head: Option<Option<AuditHead>>,
+    pending: Vec<Vec<SqlValue>>,
+}
 
 /// An audit record's stored `(seq, hash)`.
 type AuditHead = (i64, Vec<u8>);
@@ -1646,7 +1718,7 @@ impl AuditTail {
         entry: &AuditEntry<'_>,
     ) -> Result<u64, StoreError> {
         const OP: &str = "append to the audit log";
-        let last = match self.0.take() {
+        let last = match self.head.take() {
             Some(last) => last,
             None => {
                 let row = sqlx::query(sql::AUDIT_LAST).fetch_optional(&mut *tx).await.map_err(StoreError::db(OP))?;
@@ -1654,9 +1726,28 @@ impl AuditTail {
             }
         };
         let (seq, sealed, values) = seal_audit(last, key, entry)?;
-        bind_values(sqlx::query(sql::AUDIT_INSERT), values).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-        self.0 = Some(Some(sealed));
+        self.head = Some(Some(sealed));
+        self.pending.push(values);
+        if self.pending.len() >= AUDIT_INSERT_ROWS_MAX {
+            self.flush(tx).await?;
+        }
         Ok(seq)
+    }
+
+    /// Inserts the records appended since the last flush, in chain order.
+    async fn flush(&mut self, tx: &mut SqliteConnection) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.pending).into_iter();
+        for n in statement_sizes(rows.len(), AUDIT_INSERT_ROWS_MAX) {
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql::audit_insert(n)));
+            bind_values(q, rows.by_ref().take(n).flatten().collect())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db("append to the audit log"))?;
+        }
+        Ok(())
     }
 }
 
@@ -1752,6 +1843,61 @@ mod tests {
             out.push(count(store, table).await);
         }
         out
+    }
+
+    #[test]
+    fn multi_row_statements_come_in_power_of_two_sizes_that_add_up() {
+        for (n, max, want) in [
+            (0, 32, vec![]),
+            (1, 32, vec![1]),
+            (5, 32, vec![4, 1]),
+            (32, 32, vec![32]),
+            (71, 32, vec![32, 32, 4, 2, 1]),
+            (130, 64, vec![64, 64, 2]),
+        ] {
+            assert_eq!(statement_sizes(n, max).collect::<Vec<_>>(), want, "{n} rows, at most {max}");
+        }
+        assert_eq!(
+            sql::audit_insert(2).split(" VALUES ").nth(1).unwrap(),
+            "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10), ($11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
+        );
+        assert_eq!(sql::forget_blobs(3), "DELETE FROM blob_journal WHERE hash IN ($1, $2, $3)");
+    }
+
+    /// A batch of more audit records and journal drops than one statement takes:
+    /// every record lands once, in order, chained; every dropped row goes, and a
+    /// blob journaled after a drop in the same batch stays.
+    #[tokio::test]
+    async fn a_large_batch_inserts_every_audit_record_in_order_and_drops_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("node.db"), SigningKey::from_bytes(&[7; 32])).await.unwrap();
+        let blobs: Vec<(ContentHash, Arc<Vec<u8>>)> = (0..70u32)
+            .map(|i| {
+                let bytes = Arc::new(i.to_le_bytes().to_vec());
+                (ContentHash::of(&bytes), bytes)
+            })
+            .collect();
+        let journal: Vec<Write> =
+            blobs.iter().map(|(hash, bytes)| Write::Blob { hash: *hash, bytes: bytes.clone() }).collect();
+        store.commit(&journal).await.unwrap();
+        assert_eq!(store.journaled_blobs(100).await.unwrap().len(), 70);
+
+        let mut batch: Vec<Write> =
+            (0..71u64).map(|i| Write::audit(Millis(i), "link.up", None, None, &format!("#{i}"))).collect();
+        batch.extend(blobs[..69].iter().map(|(hash, _)| Write::ForgetBlob(*hash)));
+        // Dropped, then journaled again in the same batch: the row must stay.
+        batch.push(Write::ForgetBlob(blobs[0].0));
+        batch.push(Write::Blob { hash: blobs[0].0, bytes: blobs[0].1.clone() });
+        store.commit(&batch).await.unwrap();
+
+        assert_eq!(store.verify_audit_chain().await.unwrap(), 71);
+        let details: Vec<String> = store.audit_from(1, 100).await.unwrap().into_iter().map(|r| r.detail).collect();
+        assert_eq!(details, (0..71).map(|i| format!("#{i}")).collect::<Vec<_>>());
+        let mut left = store.journaled_blobs(100).await.unwrap();
+        left.sort();
+        let mut want = vec![blobs[0].0, blobs[69].0];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]
