@@ -1019,7 +1019,6 @@ async fn put_case_tx(
 mod sql {
     pub const JOURNAL_BLOB: &str =
         "INSERT INTO blob_journal (hash, bytes) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING";
-    pub const FORGET_BLOB: &str = "DELETE FROM blob_journal WHERE hash = $1";
     pub const JOURNALED_BLOBS: &str = "SELECT hash FROM blob_journal ORDER BY hash LIMIT $1";
     pub const JOURNALED_BLOB: &str = "SELECT bytes FROM blob_journal WHERE hash = $1";
     pub const CASE_RECORD: &str = "SELECT case_id, record FROM cases WHERE case_id = $1";

@@ -215,7 +215,7 @@ impl PgStore {
                         .map_err(StoreError::db("journal a blob"))?;
                 }
                 (Write::ForgetBlob(hash), _) => {
-                    sqlx::query(sql::FORGET_BLOB)
+                    sqlx::query(sqlx::AssertSqlSafe(sql::forget_blobs(1)))
                         .bind(hash.to_string())
                         .execute(&mut *tx)
                         .await
