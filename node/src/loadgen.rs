@@ -133,7 +133,7 @@ impl PlayedChild {
                                     chunk_hash: ContentHash::of(&chunk),
                                     data: chunk,
                                 };
-                                let _ = transport::write_frame(&mut send, &Message::ChunkResponse(resp)).await;
+                                let _ = transport::write_chunk_response(&mut send, resp).await;
                                 let _ = send.finish();
                                 let t = Instant::now();
                                 stamp(&timelines, req.case_id, |tl| tl.last_answer = Some(t));

@@ -475,7 +475,7 @@ pub async fn serve_chunk(
                 pacer.pace(data.len() as u64).await;
             }
             let resp = ChunkResponse { hash, offset: req.offset, total_size, chunk_hash, data };
-            transport::write_frame(send, &Message::ChunkResponse(resp)).await.map_err(lost)?;
+            transport::write_chunk_response(send, resp).await.map_err(lost)?;
             let _ = send.finish();
             Ok(())
         }

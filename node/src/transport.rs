@@ -164,6 +164,19 @@ pub async fn write_frame(send: &mut SendStream, message: &Message) -> Result<(),
     send.write_all(&frame).await.map_err(lost)
 }
 
+/// As [`write_frame`] for a `ChunkResponse`, but the chunk's bytes are handed to
+/// quinn as they are, not copied into its send buffer (a sender's only copy of them
+/// after the read from disk).
+pub async fn write_chunk_response(
+    send: &mut SendStream,
+    resp: federation_proto::ChunkResponse,
+) -> Result<(), TransportError> {
+    let lost = |e: quinn::WriteError| TransportError::Connection { peer: "stream".into(), detail: e.to_string() };
+    let head = federation_proto::codec::chunk_response_frame_head(&resp)?;
+    send.write_all(&head).await.map_err(lost)?;
+    send.write_chunk(bytes::Bytes::from(resp.data)).await.map_err(lost)
+}
+
 /// Reads one frame; the length is checked against the limit before the payload is read.
 pub async fn read_frame(recv: &mut RecvStream) -> Result<Message, TransportError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
