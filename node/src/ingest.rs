@@ -610,25 +610,78 @@ impl<R: Read + Seek> Walker<R> {
             }
             let (vr, len) = self.header(explicit)?;
             let bound = end.unwrap_or(self.len);
+            // Encapsulated pixel data: items are fragments of bytes, not data sets.
+            let fragments = (g, e) == (0x7FE0, 0x0010) || matches!(vr.as_ref(), Some(b"OB" | b"OW"));
             if len == UNDEFINED {
                 // Sequence, encapsulated pixel data, or UN (implicit inside).
                 let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
-                self.walk_items(inner_explicit, depth + 1, bound)?;
+                self.walk_items(inner_explicit, depth + 1, bound, None, fragments)?;
+            } else if !fragments && self.is_sequence(vr, len)? {
+                // A sequence of defined length: the parser reads its items as data
+                // sets and allocates what their elements declare, so they are walked
+                // too (fuzz/dicom_ingest found an element of 4 GB in such an item).
+                let seq_end = self.end_of(len, bound)?;
+                let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
+                self.walk_items(inner_explicit, depth + 1, seq_end, Some(seq_end), false)?;
             } else {
                 self.skip(len as u64, bound)?;
             }
         }
     }
 
-    /// Items until a sequence delimiter.
-    fn walk_items(&mut self, explicit: bool, depth: u32, bound: u64) -> Result<(), String> {
+    /// Whether a defined-length value is a sequence the parser will read as items:
+    /// `SQ` in explicit VR; in implicit VR (no VR on the wire, the parser takes it
+    /// from its dictionary) a value that starts with an item tag.
+    fn is_sequence(&mut self, vr: Option<[u8; 2]>, len: u32) -> Result<bool, String> {
+        match vr {
+            Some(vr) => Ok(&vr == b"SQ"),
+            None if len >= 8 => {
+                let start = self.tag()?;
+                self.r.seek_relative(-4).map_err(|e| format!("seek: {e}"))?;
+                self.pos -= 4;
+                Ok(start == (0xFFFE, 0xE000))
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Where a value of `len` bytes starting here ends, if it fits in `bound`.
+    fn end_of(&self, len: u32, bound: u64) -> Result<u64, String> {
+        let end = self.pos + u64::from(len);
+        if end > bound.min(self.len) {
+            return Err(format!(
+                "value of {len} bytes at byte {} runs past the end ({})",
+                self.pos,
+                bound.min(self.len)
+            ));
+        }
+        Ok(end)
+    }
+
+    /// Items until a sequence delimiter (`end` None) or until `end`. Items of
+    /// defined length are walked as data sets, unless they are `fragments`.
+    fn walk_items(
+        &mut self,
+        explicit: bool,
+        depth: u32,
+        bound: u64,
+        end: Option<u64>,
+        fragments: bool,
+    ) -> Result<(), String> {
         loop {
+            if end == Some(self.pos) {
+                return Ok(());
+            }
             let (g, e) = self.tag()?;
             let len = self.u32()?;
             match (g, e) {
-                (0xFFFE, 0xE0DD) => return Ok(()),
+                (0xFFFE, 0xE0DD) if end.is_none() => return Ok(()),
                 (0xFFFE, 0xE000) if len == UNDEFINED => self.walk_dataset(explicit, depth, None)?,
-                (0xFFFE, 0xE000) => self.skip(len as u64, bound)?,
+                (0xFFFE, 0xE000) if fragments => self.skip(len as u64, bound)?,
+                (0xFFFE, 0xE000) => {
+                    let item_end = self.end_of(len, bound)?;
+                    self.walk_dataset(explicit, depth + 1, Some(item_end))?;
+                }
                 _ => {
                     return Err(format!("expected an item, found ({g:04X},{e:04X}) at byte {}", self.pos - 8));
                 }
@@ -1662,6 +1715,36 @@ mod tests {
     /// a 3.2 GB value in a 39 KB file; the DICOM parser allocated it before anything
     /// checked it. The structure walk now refuses it before the parser runs.
     /// (The input is also kept as fuzz/corpus/dicom_ingest/regression-oom-3gb-value.dcm.)
+    /// Sixth-session fuzz finding (dicom_ingest): a defined-length sequence
+    /// (0010,1002) whose item holds an item declaring 0xFFFFFF1C bytes. The walk
+    /// used to skip defined-length sequences whole; the parser read their items as
+    /// data sets and allocated 4 GB. The walk now goes into them.
+    /// (The input is kept as fuzz/corpus/dicom_ingest/regression-oom-item-in-defined-length-sequence.dcm.)
+    #[test]
+    fn an_element_inside_a_defined_length_sequence_is_checked_before_the_parser_allocates_it() {
+        let found = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/dicom_ingest/regression-oom-item-in-defined-length-sequence.dcm"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = StudyStore::open(dir.path()).unwrap();
+        match store.import_file(Path::new(found)) {
+            Err(IngestError::Malformed(why)) => assert!(!why.starts_with("not a readable"), "{why}"),
+            other => panic!("expected a malformed-structure error, got {other:?}"),
+        }
+        assert!(store.list().unwrap().is_empty());
+        // Real files with sequences of defined length still pass the walk.
+        let dicom: Vec<_> = fs::read_dir(testdata(""))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "dcm"))
+            .collect();
+        assert!(dicom.len() >= 9, "{dicom:?}");
+        for path in dicom {
+            check_structure(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
     #[test]
     fn a_value_longer_than_the_file_is_refused_before_the_parser_allocates_it() {
         let mut bytes = fs::read(testdata("CT_small.dcm")).unwrap();
