@@ -612,16 +612,16 @@ impl<R: Read + Seek> Walker<R> {
             let bound = end.unwrap_or(self.len);
             // Encapsulated pixel data: items are fragments of bytes, not data sets.
             let fragments = (g, e) == (0x7FE0, 0x0010) || matches!(vr.as_ref(), Some(b"OB" | b"OW"));
+            // Items inside UN are implicit VR.
+            let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
             if len == UNDEFINED {
-                // Sequence, encapsulated pixel data, or UN (implicit inside).
-                let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
+                // Sequence, encapsulated pixel data, or UN.
                 self.walk_items(inner_explicit, depth + 1, bound, None, fragments)?;
             } else if !fragments && self.is_sequence(vr, len)? {
                 // A sequence of defined length: the parser reads its items as data
                 // sets and allocates what their elements declare, so they are walked
                 // too (fuzz/dicom_ingest found an element of 4 GB in such an item).
                 let seq_end = self.end_of(len, bound)?;
-                let inner_explicit = explicit && vr.as_ref() != Some(b"UN");
                 self.walk_items(inner_explicit, depth + 1, seq_end, Some(seq_end), false)?;
             } else {
                 self.skip(len as u64, bound)?;
@@ -1710,11 +1710,6 @@ mod tests {
         (rsp.us(dimse::STATUS).unwrap(), comment)
     }
 
-    /// Regression (fuzz/dicom_ingest, out-of-memory): CT_small.dcm with four bytes of
-    /// its file meta group changed misaligns the data set so that an element declares
-    /// a 3.2 GB value in a 39 KB file; the DICOM parser allocated it before anything
-    /// checked it. The structure walk now refuses it before the parser runs.
-    /// (The input is also kept as fuzz/corpus/dicom_ingest/regression-oom-3gb-value.dcm.)
     /// Sixth-session fuzz finding (dicom_ingest): a defined-length sequence
     /// (0010,1002) whose item holds an item declaring 0xFFFFFF1C bytes. The walk
     /// used to skip defined-length sequences whole; the parser read their items as
@@ -1745,6 +1740,11 @@ mod tests {
         }
     }
 
+    /// Regression (fuzz/dicom_ingest, out-of-memory): CT_small.dcm with four bytes of
+    /// its file meta group changed misaligns the data set so that an element declares
+    /// a 3.2 GB value in a 39 KB file; the DICOM parser allocated it before anything
+    /// checked it. The structure walk now refuses it before the parser runs.
+    /// (The input is also kept as fuzz/corpus/dicom_ingest/regression-oom-3gb-value.dcm.)
     #[test]
     fn a_value_longer_than_the_file_is_refused_before_the_parser_allocates_it() {
         let mut bytes = fs::read(testdata("CT_small.dcm")).unwrap();

@@ -694,7 +694,7 @@ mod tests {
         }
         let total_size = blobs.object_len(&req.hash).await.unwrap();
         let resp = ChunkResponse { hash: req.hash, offset: req.offset, total_size, chunk_hash, data };
-        transport::write_frame(send, &Message::ChunkResponse(resp)).await.unwrap();
+        transport::write_chunk_response(send, resp).await.unwrap();
         let _ = send.finish();
         Ok(true)
     }

@@ -154,19 +154,14 @@ pub fn endpoint(
 /// Writes one frame.
 pub async fn write_frame(send: &mut SendStream, message: &Message) -> Result<(), TransportError> {
     let lost = |e: quinn::WriteError| TransportError::Connection { peer: "stream".into(), detail: e.to_string() };
-    if let Message::ChunkResponse(resp) = message {
-        // The same bytes as `encode_frame`, without copying the chunk through CBOR.
-        let head = federation_proto::codec::chunk_response_frame_head(resp)?;
-        send.write_all(&head).await.map_err(lost)?;
-        return send.write_all(&resp.data).await.map_err(lost);
-    }
     let frame = federation_proto::encode_frame(message)?;
     send.write_all(&frame).await.map_err(lost)
 }
 
-/// As [`write_frame`] for a `ChunkResponse`, but the chunk's bytes are handed to
-/// quinn as they are, not copied into its send buffer (a sender's only copy of them
-/// after the read from disk).
+/// A `ChunkResponse` frame: the same bytes as [`write_frame`] would send (and
+/// `encode_frame` makes; property-tested in federation-proto), but the chunk is
+/// neither copied through CBOR nor into quinn's send buffer: its bytes are handed
+/// over as they are (a sender's only copy of them after the read from disk).
 pub async fn write_chunk_response(
     send: &mut SendStream,
     resp: federation_proto::ChunkResponse,
