@@ -108,28 +108,42 @@ pub fn chunk_response_frame_head(resp: &ChunkResponse) -> Result<Vec<u8>, Error>
     Ok(head)
 }
 
-/// Decodes a frame payload as [`decode`] does, taking it by value: the data of a
-/// `ChunkResponse` (its last item) is moved out of `payload` instead of being copied
-/// through the CBOR decoder. Accepts and refuses exactly what [`decode`] does: the
-/// fast path applies only to a payload whose last item is the `data` byte string
-/// ending the payload, and everything before it is decoded by [`decode`] (with an
-/// empty byte string in place of the data); anything else is decoded by [`decode`].
-pub fn decode_owned(mut payload: Vec<u8>) -> Result<Message, Error> {
-    let Some((value_at, data_at)) = chunk_response_data_at(&payload) else {
-        return decode(&payload);
-    };
-    let mut head = Vec::with_capacity(value_at + 1);
-    head.extend_from_slice(&payload[..value_at]);
-    head.push(EMPTY_BYTES);
-    match decode(&head) {
-        Ok(Message::ChunkResponse(mut resp)) if resp.data.is_empty() => {
-            payload.drain(..data_at);
-            resp.data = payload;
-            Ok(Message::ChunkResponse(resp))
+/// Where the data of a `ChunkResponse` payload of `len` bytes starts, read from the
+/// payload's first bytes `prefix`: the length of the head to pass to
+/// [`decode_split`], so that a reader can put the data straight into a buffer of its
+/// own. `None` when the payload is not a chunk response whose last item is the
+/// `data` byte string ending the payload, or when its head is longer than `prefix`
+/// (a reader then reads the whole payload and calls [`decode`]).
+pub fn chunk_response_head_len(prefix: &[u8], len: usize) -> Option<usize> {
+    chunk_response_data_at(prefix, len).map(|(_, data_at)| data_at)
+}
+
+/// Decodes the payload `head` followed by `rest` exactly as [`decode`] decodes the
+/// two joined: accepts and refuses the same bytes, wherever they are split (tested).
+/// When `head` is a `ChunkResponse` up to its data ([`chunk_response_head_len`]),
+/// `rest` becomes the response's data without being copied, through CBOR or
+/// otherwise: only the head is decoded, with an empty byte string in place of the
+/// data. Anything else is joined and decoded by [`decode`].
+pub fn decode_split(head: &[u8], rest: Vec<u8>) -> Result<Message, Error> {
+    let len = head.len() + rest.len();
+    if let Some((value_at, data_at)) = chunk_response_data_at(head, len)
+        && data_at == head.len()
+    {
+        let mut fields = Vec::with_capacity(value_at + 1);
+        fields.extend_from_slice(&head[..value_at]);
+        fields.push(EMPTY_BYTES);
+        if let Ok(Message::ChunkResponse(mut resp)) = decode(&fields)
+            && resp.data.is_empty()
+        {
+            resp.data = rest;
+            return Ok(Message::ChunkResponse(resp));
         }
-        // Refused (or not what the walk saw): let the plain decoder say why.
-        _ => decode(&payload),
+        // Refused (or not what the walk saw): the plain decoder says why.
     }
+    let mut payload = Vec::with_capacity(len);
+    payload.extend_from_slice(head);
+    payload.extend_from_slice(&rest);
+    decode(&payload)
 }
 
 /// CBOR's empty byte string.
@@ -155,10 +169,12 @@ fn push_bytes_header(out: &mut Vec<u8>, len: u64) {
     }
 }
 
-/// If `payload` is `{"chunk_response": {..., "data": <bytes>}}` with the data's
-/// definite-length byte string ending the payload: where that value starts and
-/// where its bytes start. `None` for anything else (then the plain decoder runs).
-fn chunk_response_data_at(payload: &[u8]) -> Option<(usize, usize)> {
+/// If a payload of `len` bytes that starts with `payload` (all of it or a prefix) is
+/// `{"chunk_response": {..., "data": <bytes>}}` with the data's definite-length byte
+/// string ending the payload: where that value starts and where its bytes start.
+/// `None` for anything else, or if the data's header is not within `payload` (then
+/// the plain decoder runs).
+fn chunk_response_data_at(payload: &[u8], len: usize) -> Option<(usize, usize)> {
     let mut at = 0;
     let (major, n) = head(payload, &mut at)?;
     if major != 5 || n != 1 {
@@ -179,8 +195,8 @@ fn chunk_response_data_at(payload: &[u8]) -> Option<(usize, usize)> {
         return None;
     }
     let value_at = at;
-    let (major, len) = head(payload, &mut at)?;
-    (major == 2 && (payload.len() - at) as u64 == len).then_some((value_at, at))
+    let (major, data_len) = head(payload, &mut at)?;
+    (major == 2 && len.checked_sub(at)? as u64 == data_len).then_some((value_at, at))
 }
 
 /// Reads an item's initial byte and argument: (major type, argument). Refuses

@@ -2079,18 +2079,24 @@ proptest! {
         let mut fast = codec::chunk_response_frame_head(&resp).unwrap();
         fast.extend_from_slice(&resp.data);
         prop_assert_eq!(&fast, &encode_frame(&Message::ChunkResponse(resp.clone())).unwrap());
-        let payload = fast[FRAME_HEADER_LEN..].to_vec();
-        prop_assert_eq!(codec::decode_owned(payload).unwrap(), Message::ChunkResponse(resp));
+        let payload = &fast[FRAME_HEADER_LEN..];
+        // What a reader does: the head from the first bytes, the data on its own.
+        let head_len = codec::chunk_response_head_len(&payload[..payload.len().min(256)], payload.len()).unwrap();
+        prop_assert_eq!(head_len, payload.len() - len);
+        let data = payload[head_len..].to_vec();
+        prop_assert_eq!(codec::decode_split(&payload[..head_len], data).unwrap(), Message::ChunkResponse(resp));
     }
 
-    /// `decode_owned` accepts and refuses exactly what `decode` does, whatever the
-    /// bytes: a chunk response with any byte changed, cut or extended.
+    /// `decode_split` accepts and refuses exactly what `decode` does, whatever the
+    /// bytes and wherever they are split: a chunk response with any byte changed, cut
+    /// or extended, split at any point and where `chunk_response_head_len` says.
     #[test]
-    fn decode_owned_agrees_with_decode_on_damaged_chunk_responses(
+    fn decode_split_agrees_with_decode_on_damaged_chunk_responses(
         at in any::<Index>(),
         byte in any::<u8>(),
         cut in any::<Index>(),
         extra in prop::collection::vec(any::<u8>(), 0..3),
+        split in any::<Index>(),
     ) {
         let resp = ChunkResponse {
             hash: ContentHash([3; 32]),
@@ -2108,16 +2114,49 @@ proptest! {
         longer.extend_from_slice(&extra);
         for payload in [changed, cut_short, longer] {
             let plain = decode(&payload).map_err(|e| e.to_string());
-            let owned = codec::decode_owned(payload.clone()).map_err(|e| e.to_string());
-            prop_assert_eq!(owned, plain);
+            let mut splits = vec![split.index(payload.len() + 1)];
+            splits.extend(codec::chunk_response_head_len(&payload, payload.len()));
+            for s in splits {
+                let (head, rest) = payload.split_at(s);
+                let split = codec::decode_split(head, rest.to_vec()).map_err(|e| e.to_string());
+                prop_assert_eq!(&split, &plain, "split at {}", s);
+            }
         }
     }
 }
 
 #[test]
-fn decode_owned_decodes_every_golden_message_as_decode_does() {
+fn decode_split_decodes_every_golden_message_as_decode_does_wherever_it_is_split() {
     for msg in golden_messages() {
         let payload = encode(&msg).unwrap();
-        assert_eq!(codec::decode_owned(payload.clone()).unwrap(), decode(&payload).unwrap());
+        let plain = decode(&payload).unwrap();
+        for s in 0..=payload.len() {
+            let (head, rest) = payload.split_at(s);
+            assert_eq!(codec::decode_split(head, rest.to_vec()).unwrap(), plain, "{} split at {s}", msg.kind());
+        }
     }
+}
+
+#[test]
+fn chunk_response_head_len_needs_the_whole_head_and_the_exact_length() {
+    let resp = ChunkResponse {
+        hash: ContentHash([3; 32]),
+        offset: 7,
+        total_size: 9_000,
+        chunk_hash: ContentHash([4; 32]),
+        data: vec![9; 300],
+    };
+    let payload = encode(&Message::ChunkResponse(resp)).unwrap();
+    let head_len = payload.len() - 300;
+    assert_eq!(codec::chunk_response_head_len(&payload, payload.len()), Some(head_len));
+    assert_eq!(codec::chunk_response_head_len(&payload[..head_len], payload.len()), Some(head_len));
+    // The data's header not yet in the prefix, or a length the data does not fill.
+    assert_eq!(codec::chunk_response_head_len(&payload[..head_len - 1], payload.len()), None);
+    assert_eq!(codec::chunk_response_head_len(&payload, payload.len() + 1), None);
+    assert_eq!(codec::chunk_response_head_len(&payload, payload.len() - 1), None);
+    // A prefix given with a smaller length than itself is refused, not a panic.
+    assert_eq!(codec::chunk_response_head_len(&payload, 3), None);
+    let other =
+        encode(&Message::Reject(Reject { case_id: None, code: RejectCode::Malformed, detail: "x".into() })).unwrap();
+    assert_eq!(codec::chunk_response_head_len(&other, other.len()), None);
 }

@@ -18,7 +18,8 @@
 //! nothing stored). Prints p50 / p99 / max.
 //!
 //! Knobs: `BENCH_SIZE_MIB` (1024), `BENCH_CHUNKS_IN_FLIGHT` (8), `BENCH_CHUNK_KIB`
-//! (256), `BENCH_DIR` (the temporary directory), `BENCH_LAT_N`, `BENCH_LAT_BYTES`.
+//! (256), `BENCH_DIR` (the temporary directory), `BENCH_LAT_N`, `BENCH_LAT_BYTES`;
+//! `BENCH_FETCH_ONLY=1` runs the fetch alone (to profile it).
 
 use certs::ca::{CertificateAuthority, IntermediateOptions, RootOptions, Validity};
 use certs::enrol;
@@ -222,6 +223,16 @@ async fn main() -> anyhow::Result<()> {
     let mib_s = |bytes: u64, secs: f64| bytes as f64 / MIB as f64 / secs;
 
     let setup_rss = peak_rss_mib();
+
+    // BENCH_FETCH_ONLY=1: only the fetch, for profiling it (`perf record`) alone.
+    if env_u64("BENCH_FETCH_ONLY", 0) == 1 {
+        let (t, cpu) = (Instant::now(), cpu_s());
+        transfer::fetch(&conn, &village_blobs, CaseId([1; 16]), &att, &limits).await?;
+        let (fetch_s, fetch_cpu) = (t.elapsed().as_secs_f64(), cpu_s() - cpu);
+        anyhow::ensure!(village_blobs.contains(&hash), "fetched blob missing");
+        println!("transfer::fetch: {:.1} MiB/s, {fetch_s:.2} s, CPU {fetch_cpu:.2} s", mib_s(size, fetch_s));
+        return Ok(());
+    }
 
     // 1. Raw stream, bytes discarded: the link's ceiling.
     reset_peak_rss();

@@ -884,10 +884,15 @@ fn read_chunk_blocking(path: &Path, hash: ContentHash, offset: u64, len: u32) ->
     if !in_range || len == 0 {
         return Err(BlobError::RangeOutOfBounds { hash, offset, len, size });
     }
-    let n = u64::from(len.min(CHUNK_LEN_MAX)).min(size - offset) as usize;
-    let mut data = vec![0u8; n];
+    let n = u64::from(len.min(CHUNK_LEN_MAX)).min(size - offset);
+    // Read into spare capacity: the buffer is not zeroed first.
+    let mut data = Vec::with_capacity(n as usize);
     file.seek(SeekFrom::Start(offset)).map_err(BlobError::io("seeking in", path))?;
-    file.read_exact(&mut data).map_err(BlobError::io("reading", path))?;
+    let read = (&mut file).take(n).read_to_end(&mut data).map_err(BlobError::io("reading", path))?;
+    if read as u64 != n {
+        let e = io::Error::new(io::ErrorKind::UnexpectedEof, format!("{read} of {n} bytes readable"));
+        return Err(BlobError::io("reading", path)(e));
+    }
     Ok((size, data))
 }
 

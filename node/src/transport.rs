@@ -173,13 +173,57 @@ pub async fn write_chunk_response(
 }
 
 /// Reads one frame; the length is checked against the limit before the payload is read.
+///
+/// The payload is copied once, from quinn's buffers into the message: a
+/// `ChunkResponse`'s data goes straight into the `Vec` it is returned in
+/// ([`federation_proto::codec::decode_split`]), and no buffer is zeroed first.
 pub async fn read_frame(recv: &mut RecvStream) -> Result<Message, TransportError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|e| read_error(e.to_string()))?;
     let len = frame_len(header)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(|e| read_error(e.to_string()))?;
-    Ok(federation_proto::codec::decode_owned(payload)?)
+    let mut head = Vec::with_capacity(len.min(FRAME_PEEK_LEN));
+    read_to_len(recv, &mut head, len.min(FRAME_PEEK_LEN), (0, len)).await?;
+    let (head, mut rest) = match federation_proto::codec::chunk_response_head_len(&head, len) {
+        Some(head_len) => {
+            let mut data = Vec::with_capacity(len - head_len);
+            data.extend_from_slice(&head[head_len..]);
+            head.truncate(head_len);
+            (head, data)
+        }
+        None => {
+            head.reserve_exact(len - head.len());
+            (Vec::new(), head)
+        }
+    };
+    let before = head.len();
+    read_to_len(recv, &mut rest, len - before, (before, len)).await?;
+    Ok(federation_proto::codec::decode_split(&head, rest)?)
+}
+
+/// Bytes of a frame read before the rest: enough for the head of a `ChunkResponse`
+/// up to its data (about 100 bytes), so that the data can be read into its own buffer.
+const FRAME_PEEK_LEN: usize = 256;
+
+/// Appends what `recv` delivers to `buf` until it holds `len` bytes; an early end of
+/// the stream is an error. `(before, payload)`: bytes of the payload read before
+/// `buf`'s and its length, for the error message.
+async fn read_to_len(
+    recv: &mut RecvStream,
+    buf: &mut Vec<u8>,
+    len: usize,
+    (before, payload): (usize, usize),
+) -> Result<(), TransportError> {
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                let came = before + buf.len();
+                return Err(read_error(format!("stream ended after {came} of {payload} bytes of a frame")));
+            }
+            Err(e) => return Err(read_error(e.to_string())),
+        }
+    }
+    Ok(())
 }
 
 fn read_error(detail: String) -> TransportError {

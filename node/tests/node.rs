@@ -149,21 +149,27 @@ async fn next_result(server: &mut Server) -> Result<Link, TransportError> {
     tokio::time::timeout(std::time::Duration::from_secs(15), server.results.recv()).await.unwrap().unwrap()
 }
 
-// --- tests ---------------------------------------------------------------------------
-
-#[tokio::test]
-async fn valid_chain_gives_a_link_and_both_ends_know_the_peer() {
-    init_logs();
+/// A county serving and a village linked to it: (the village's link, the county's,
+/// the county's server, the village's endpoint, the enrolled county and village).
+async fn county_and_village_linked() -> (Link, Link, Server, Endpoint, Enrolled, Enrolled) {
     let mut fed = federation();
     let county = enrol(&mut fed.henan, COUNTY, Tier::County);
     let village = enrol(&mut fed.henan, "v001.gaocheng.dengfeng.zhengzhou.henan.cn", Tier::Village);
     let mut server = serve(&fed.trust, &county);
     let ep = client(&fed.trust, &village);
-
     let link = transport::connect(&ep, server.addr, &county.name, &village.claim(), &fed.trust).await.unwrap();
+    let accepted = next_result(&mut server).await.unwrap();
+    (link, accepted, server, ep, county, village)
+}
+
+// --- tests ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn valid_chain_gives_a_link_and_both_ends_know_the_peer() {
+    init_logs();
+    let (link, accepted, server, _ep, county, village) = county_and_village_linked().await;
     assert_eq!(link.peer.name, county.name);
     assert_eq!(link.peer.tier, Tier::County);
-    let accepted = next_result(&mut server).await.unwrap();
     assert_eq!(accepted.peer.name, village.name);
     assert_eq!(accepted.peer.tier, Tier::Village);
     assert_eq!(accepted.peer.region, "gaocheng.dengfeng.zhengzhou.henan.cn");
@@ -181,6 +187,66 @@ async fn valid_chain_gives_a_link_and_both_ends_know_the_peer() {
     let (_s, mut recv) = accepted.connection.accept_bi().await.unwrap();
     assert_eq!(transport::read_frame(&mut recv).await.unwrap(), msg);
     assert!(logged("child link accepted").await);
+    server.endpoint.close(0u32.into(), b"");
+}
+
+/// `read_frame` reads back every kind of frame whole, however the sender cut it into
+/// writes: a chunk response larger than the bytes it peeks at first (its data goes
+/// to a buffer of its own), one smaller than them, and another message larger than
+/// them. A frame whose stream ends early is an error that says how many bytes came.
+#[tokio::test]
+async fn frames_read_back_whole_in_any_pieces_and_a_cut_frame_is_an_error() {
+    use federation_proto::{ChunkResponse, ContentHash, Message, Reject};
+    init_logs();
+    let (link, accepted, server, _ep, _county, _village) = county_and_village_linked().await;
+
+    let chunk = |len: usize| {
+        Message::ChunkResponse(ChunkResponse {
+            hash: ContentHash([1; 32]),
+            offset: 1 << 20,
+            total_size: 3 << 20,
+            chunk_hash: ContentHash([2; 32]),
+            data: (0..len).map(|i| (i % 251) as u8).collect(),
+        })
+    };
+    let reject = Message::Reject(Reject { case_id: None, code: RejectCode::Malformed, detail: "why ".repeat(300) });
+    for (msg, piece) in [
+        (chunk(federation_proto::codec::CHUNK_LEN_MAX as usize), 1000),
+        (chunk(256 * 1024 - 1), 7),
+        (chunk(10), 3),
+        (chunk(0), 1),
+        (reject.clone(), 100),
+    ] {
+        let frame = federation_proto::encode_frame(&msg).unwrap();
+        let (mut send, _r) = link.connection.open_bi().await.unwrap();
+        let writer = tokio::spawn(async move {
+            for part in frame.chunks(piece) {
+                send.write_all(part).await.unwrap();
+            }
+            send.finish().unwrap();
+            send
+        });
+        let (_s, mut recv) = accepted.connection.accept_bi().await.unwrap();
+        assert_eq!(transport::read_frame(&mut recv).await.unwrap(), msg, "{} in pieces of {piece}", msg.kind());
+        drop(writer.await.unwrap());
+    }
+
+    // Cut short: inside the first bytes, inside a chunk's data, inside another message.
+    for (msg, keep) in [(chunk(1000), 40), (chunk(1000), 700), (reject, 900)] {
+        let frame = federation_proto::encode_frame(&msg).unwrap();
+        let (mut send, _r) = link.connection.open_bi().await.unwrap();
+        send.write_all(&frame[..keep]).await.unwrap();
+        send.finish().unwrap();
+        let (_s, mut recv) = accepted.connection.accept_bi().await.unwrap();
+        let err = transport::read_frame(&mut recv).await.expect_err("a cut frame must not decode");
+        let payload = frame.len() - federation_proto::codec::FRAME_HEADER_LEN;
+        let came = keep - federation_proto::codec::FRAME_HEADER_LEN;
+        assert!(
+            err.to_string().contains(&format!("stream ended after {came} of {payload} bytes of a frame")),
+            "{} cut at {keep}: {err}",
+            msg.kind()
+        );
+    }
     server.endpoint.close(0u32.into(), b"");
 }
 
