@@ -21,9 +21,9 @@
 //!
 //! Each received chunk is checked against its hash by the task that asked for it,
 //! then written and added to the whole-file hash on a blocking thread while the
-//! next ones arrive; partial files are synced in the background, not per chunk, and an object
-//! is installed only once its data is fsynced (see [`crate::blobs`] for what a crash
-//! leaves behind).
+//! next ones arrive; partial files are synced in the background, not per chunk, and
+//! an object is installed only once its data is fsynced (see [`crate::blobs`] for
+//! what a crash leaves behind).
 //!
 //! Memory is bounded by `chunks_in_flight` chunks (each at most
 //! [`CHUNK_LEN_MAX`], plus its frame while decoding) plus the writer's queue of

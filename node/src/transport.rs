@@ -201,7 +201,8 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<Message, TransportError
 }
 
 /// Bytes of a frame read before the rest: enough for the head of a `ChunkResponse`
-/// up to its data (about 100 bytes), so that the data can be read into its own buffer.
+/// up to its data (131 to about 150 bytes, with the offsets' sizes), so that the data
+/// can be read into its own buffer.
 const FRAME_PEEK_LEN: usize = 256;
 
 /// Appends what `recv` delivers to `buf` until it holds `len` bytes; an early end of
